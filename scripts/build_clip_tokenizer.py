@@ -34,7 +34,8 @@ def byte_symbols() -> list[str]:
 
 
 def main(src: str, out: str) -> None:
-    lines = gzip.open(src).read().decode("utf-8").split("\n")
+    with gzip.open(src) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

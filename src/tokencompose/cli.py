@@ -1,20 +1,63 @@
-"""Command-line entry point: ``tokencompose SUBCOMMAND ...``."""
+"""Command-line entry point: ``tokencompose SUBCOMMAND ...``.
+
+Each subcommand lives in its own module that exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+heavy imports (torch, diffusers) happen inside ``run`` so ``tokencompose --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
+
+# name -> (module, one-line help). A module that is not importable is skipped, so the CLI never
+# breaks because one optional part is missing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("tokencompose.commands.demo", "run the whole method on the built-in shapes world"),
+    "prepare": ("tokencompose.commands.prepare", "build datasets (shapes, coco) and latent caches"),
+    "train": ("tokencompose.commands.train", "fine-tune a model with TokenCompose's losses"),
+    "generate": ("tokencompose.commands.generate", "generate images with a (fine-tuned) model"),
+    "evaluate": ("tokencompose.commands.evaluate", "MultiGen and attention-grounding evaluation"),
+    "compare": ("tokencompose.commands.compare", "side-by-side table of evaluation results"),
+    "visualize": ("tokencompose.commands.visualize", "attention maps, masks vs attention, grids"),
+    "report": ("tokencompose.commands.report", "one self-contained HTML report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokencompose", description="TokenCompose: token-level supervision.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokencompose", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.version:
         from tokencompose import __version__
 
         print(__version__)
-    return 0
+        return 0
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""Model parts of a Stable-Diffusion-style pipeline: load from a folder or hub id, or build tiny ones.
+
+A pipeline is held as :class:`Components` (UNet, VAE, text encoder, tokenizer, noise scheduler).
+Real checkpoints load from a local folder in diffusers layout (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) or a hub id when the user has network. Tests and the shapes world
+build tiny random-init parts of the same classes with :func:`tiny_components` -- no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CLIP_MAX_LENGTH = 77
+
+
+def clip_tokenizer() -> Any:
+    """The CLIP BPE tokenizer of SD 1.x (same ids), built offline from the files shipped as package data."""
+    from transformers import CLIPTokenizer
+
+    root = resources.files("tokencompose") / "assets" / "clip_tokenizer"
+    with resources.as_file(root) as folder:
+        return CLIPTokenizer(
+            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=CLIP_MAX_LENGTH
+        )
+
+
+@dataclass
+class Components:
+    """The parts of a latent text-to-image diffusion pipeline that training and evaluation need."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+
+    def save(self, path: str | Path) -> None:
+        """Write every part in diffusers layout plus a ``model_index.json`` for ``StableDiffusionPipeline``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet")
+        self.vae.save_pretrained(path / "vae")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        write_model_index(path, self)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def write_model_index(path: Path, comps: Components) -> None:
+    import json
+
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(comps.scheduler).__name__],
+        "text_encoder": ["transformers", type(comps.text_encoder).__name__],
+        "tokenizer": ["transformers", type(comps.tokenizer).__name__],
+        "unet": ["diffusers", type(comps.unet).__name__],
+        "vae": ["diffusers", type(comps.vae).__name__],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_components(
+    model: str | Path,
+    revision: str | None = None,
+    unet: str | Path | None = None,
+    local_files_only: bool | None = None,
+) -> Components:
+    """Load the parts from a diffusers-layout folder or hub id; ``unet`` optionally overrides the UNet.
+
+    ``unet`` may be a folder holding a diffusers UNet (``config.json`` + weights) or a folder with a
+    ``unet/`` subfolder (a checkpoint of ours).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = str(model)
+    is_local = Path(src).exists()
+    if not is_local and local_files_only:
+        raise FileNotFoundError(f"model folder {src!r} does not exist")
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    if is_local:
+        kw["local_files_only"] = True
+        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (Path(src) / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
+    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+    scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    if unet is None:
+        unet_model = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
+    else:
+        upath = Path(unet)
+        sub = "unet" if (upath / "unet").is_dir() else None
+        unet_model = UNet2DConditionModel.from_pretrained(str(upath), subfolder=sub, local_files_only=True)
+    return Components(unet=unet_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def tiny_unet_config(
+    channels: tuple[int, ...] = (16, 16, 32, 32),
+    layers_per_block: int = 2,
+    heads: int = 2,
+    cross_attention_dim: int = 32,
+    sample_size: int = 8,
+) -> dict[str, Any]:
+    """An SD-1.x-shaped UNet config (3 cross-attn down blocks, mid, 3 cross-attn up blocks), tiny widths."""
+    n = len(channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]),
+        up_block_types=tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,  # diffusers' SD configs store the number of heads here
+        norm_num_groups=8,
+    )
+
+
+def tiny_components(
+    seed: int = 0,
+    unet_channels: tuple[int, ...] = (16, 16, 32, 32),
+    layers_per_block: int = 2,
+    heads: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    vae_channels: tuple[int, ...] = (8, 8, 16, 16),
+    image_size: int = 64,
+    prediction_type: str = "epsilon",
+) -> Components:
+    """Random-init parts with the real classes and the real CLIP tokenizer; seconds to build on a CPU.
+
+    The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (8 by default, as SD), so a 64-px image
+    gives 8x8 latents and attention maps at 8, 4, 2 and 1 positions per side.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    factor = 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(
+        **tiny_unet_config(unet_channels, layers_per_block, heads, text_hidden, image_size // factor)
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=tuple(vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=image_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 2,
+            num_attention_heads=4,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            projection_dim=text_hidden,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)

@@ -1,0 +1,129 @@
+"""MultiGen scoring (pure): detector output -> MG_k, the paper's ±, bootstrap confidence intervals.
+
+Rules, as the paper's ``gen_multigen_scores.py`` (checked against its outputs in the official fixtures):
+
+- an image's detections are ``{"classes": [...], "scores": [...]}``, one entry per box (a class may repeat);
+- a category of the prompt counts as found when any of its boxes scores **strictly** above the threshold;
+  it counts once however many boxes it has; classes that are not in the prompt are ignored;
+- MG_k = percent of all (prompt, image) pairs with at least k of the prompt's K categories found;
+- ± = population standard deviation (``np.std``, ddof 0) of MG_k computed separately on each image-index
+  subset (every prompt's image 0, every prompt's image 1, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tokencompose.evaluation.prompts import Prompt
+
+
+def image_key(uid: int, index: int) -> str:
+    """The paper's key of one generated image: ``"<unique_id>_<image_index>"``."""
+    return f"{uid}_{index}"
+
+
+def max_scores(detection: Mapping[str, Any]) -> dict[str, float]:
+    """Best score per class of one image's detections.
+
+    Accepts the paper's ``{"classes": [...], "scores": [...]}`` (one entry per box) or a plain
+    ``{class: score}`` mapping (the shapes world's detector).
+    """
+    if "classes" in detection and "scores" in detection:
+        best: dict[str, float] = {}
+        for c, s in zip(detection["classes"], detection["scores"], strict=True):
+            s = float(s)
+            if s > best.get(c, -np.inf):
+                best[c] = s
+        return best
+    return {str(c): float(s) for c, s in detection.items()}
+
+
+def found_counts(
+    detections: Mapping[str, Mapping[str, Any]],
+    prompts: Sequence[Prompt],
+    num_images: int,
+    threshold: float = 0.1,
+) -> np.ndarray:
+    """Number of each prompt's categories found per image: int array ``[P, N]`` (P prompts, N images each).
+
+    Every ``"<uid>_<i>"`` key for i < ``num_images`` must be present (a missing image is an error, not a miss).
+    """
+    counts = np.zeros((len(prompts), num_images), dtype=np.int64)
+    missing = []
+    for row, prompt in enumerate(prompts):
+        wanted = set(prompt.categories)
+        for i in range(num_images):
+            det = detections.get(image_key(prompt.uid, i))
+            if det is None:
+                missing.append(image_key(prompt.uid, i))
+                continue
+            best = max_scores(det)
+            counts[row, i] = sum(1 for c in wanted if best.get(c, -np.inf) > threshold)
+    if missing:
+        raise KeyError(f"{len(missing)} images have no detections, e.g. {missing[:5]}")
+    return counts
+
+
+@dataclass(frozen=True)
+class MGScores:
+    """``percent[k-1]`` = MG_k in percent; ``std[k-1]`` = the paper's ± (std over image-index subsets)."""
+
+    percent: np.ndarray
+    std: np.ndarray
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"mg_percent": self.percent.tolist(), "mg_std": self.std.tolist()}
+
+
+def mg_scores(counts: np.ndarray, max_k: int) -> MGScores:
+    """MG_1..MG_max_k from ``counts [P, N]`` (categories found per prompt and image)."""
+    ks = np.arange(1, max_k + 1)
+    hits = counts[None, :, :] >= ks[:, None, None]  # [K, P, N]
+    percent = hits.mean(axis=(1, 2)) * 100.0
+    per_index = hits.mean(axis=1) * 100.0  # [K, N]: MG_k of each image-index subset
+    return MGScores(percent=percent, std=per_index.std(axis=1))
+
+
+def bootstrap_ci(
+    counts: np.ndarray, max_k: int, num_samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> np.ndarray:
+    """Percentile bootstrap CI of MG_k over prompts: ``[K, 2]`` (low, high) in percent.
+
+    Prompts are resampled with replacement (the images of a prompt move together, since they share its
+    difficulty); numpy's PCG64 with ``seed`` makes the interval reproducible.
+    """
+    ks = np.arange(1, max_k + 1)
+    per_prompt = (counts[None, :, :] >= ks[:, None, None]).mean(axis=2) * 100.0  # [K, P]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, counts.shape[0], size=(num_samples, counts.shape[0]))
+    boots = per_prompt[:, idx].mean(axis=2)  # [K, num_samples]
+    alpha = (1.0 - level) / 2.0
+    return np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
+
+
+def score_multigen(
+    detections: Mapping[str, Mapping[str, Any]],
+    prompts: Sequence[Prompt],
+    num_images: int,
+    threshold: float = 0.1,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything a results file reports for one threshold: MG_k, ±, 95% bootstrap CI, counts."""
+    counts = found_counts(detections, prompts, num_images, threshold)
+    max_k = max(len(p.categories) for p in prompts)
+    scores = mg_scores(counts, max_k)
+    out: dict[str, Any] = {
+        "threshold": threshold,
+        "num_prompts": len(prompts),
+        "images_per_prompt": num_images,
+        **scores.as_dict(),
+    }
+    if bootstrap > 0:
+        out["mg_ci95"] = bootstrap_ci(counts, max_k, bootstrap, 0.95, seed).tolist()
+        out["bootstrap"] = {"samples": bootstrap, "seed": seed, "unit": "prompt"}
+    return out

@@ -1,0 +1,84 @@
+"""MultiGen scoring: the paper's oracle (official fixtures), edge rules, bootstrap CI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokencompose.evaluation.prompts import Prompt, load_prompts
+from tokencompose.evaluation.scoring import bootstrap_ci, found_counts, max_scores, mg_scores, score_multigen
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("TOKENCOMPOSE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+ORACLE_FILES = sorted(FIXTURES.glob("multigen_*.json"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ORACLE_FILES
+    or [pytest.param(None, marks=pytest.mark.skip(reason=f"no multigen_*.json oracle files under {FIXTURES}"))],
+    ids=lambda p: p.name if p else "absent",
+)
+def test_matches_paper_oracle(path: Path) -> None:
+    case = json.loads(path.read_text())
+    prompts = load_prompts("coco")  # the oracle scored the shipped COCO prompt file
+    counts = found_counts(case["results"], prompts, case["img_per_prompt"], case["threshold"])
+    scores = mg_scores(counts, 5)
+    np.testing.assert_allclose(scores.percent, case["mg_percent"], atol=1e-4)
+    np.testing.assert_allclose(scores.std, case["mg_std"], atol=1e-4)
+
+
+def _prompt(uid: int, cats: tuple[str, ...]) -> Prompt:
+    return Prompt(uid, cats, "x")
+
+
+def test_rules_strict_threshold_count_once_ignore_others() -> None:
+    prompts = [_prompt(0, ("cat", "dog", "cup"))]
+    dets = {
+        # cat twice (counts once), dog exactly at the threshold (not counted), car not in the prompt.
+        "0_0": {"classes": ["cat", "cat", "dog", "car", "car"], "scores": [0.5, 0.9, 0.1, 0.9, 0.9]},
+        "0_1": {"cat": 0.11, "dog": 0.2, "cup": 0.3},  # plain mapping form
+    }
+    counts = found_counts(dets, prompts, 2, threshold=0.1)
+    assert counts.tolist() == [[1, 3]]
+    assert found_counts(dets, prompts, 2, threshold=0.095).tolist() == [[2, 3]]
+    assert max_scores(dets["0_0"]) == {"cat": 0.9, "dog": 0.1, "car": 0.9}
+
+
+def test_missing_image_is_an_error() -> None:
+    with pytest.raises(KeyError, match="0_1"):
+        found_counts({"0_0": {}}, [_prompt(0, ("cat",))], 2)
+
+
+def test_mg_and_std_by_hand() -> None:
+    # 2 prompts x 2 image indices, K = 2.
+    counts = np.array([[2, 0], [1, 1]])
+    s = mg_scores(counts, 2)
+    np.testing.assert_allclose(s.percent, [75.0, 25.0])
+    # index 0: MG1 = 100, MG2 = 50; index 1: MG1 = 50, MG2 = 0 -> population std 25, 25.
+    np.testing.assert_allclose(s.std, [25.0, 25.0])
+
+
+def test_bootstrap_ci_contains_estimate_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 6, size=(200, 10))
+    ci = bootstrap_ci(counts, 5, num_samples=500, seed=3)
+    est = mg_scores(counts, 5).percent
+    assert ci.shape == (5, 2)
+    assert np.all(ci[:, 0] <= est + 1e-9) and np.all(est <= ci[:, 1] + 1e-9)
+    assert np.all(ci[:, 1] - ci[:, 0] > 0)
+    np.testing.assert_array_equal(ci, bootstrap_ci(counts, 5, num_samples=500, seed=3))
+    # Constant data has a zero-width interval.
+    np.testing.assert_allclose(bootstrap_ci(np.full((20, 3), 5), 5, 100)[:, 0], 100.0)
+
+
+def test_score_multigen_record() -> None:
+    prompts = [_prompt(0, ("a", "b")), _prompt(7, ("c", "d"))]
+    dets = {"0_0": {"a": 0.5}, "7_0": {"c": 0.5, "d": 0.9}}
+    out = score_multigen(dets, prompts, 1, bootstrap=50)
+    assert out["mg_percent"] == [100.0, 50.0]
+    assert len(out["mg_ci95"]) == 2 and out["num_prompts"] == 2

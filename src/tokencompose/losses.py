@@ -1,0 +1,184 @@
+"""TokenCompose's objective, batched: denoising, token-level and pixel-level grounding losses.
+
+Paper (Wang et al., CVPR 2024, Sec. 3): ``L = L_denoise + lambda * L_token + gamma * L_pixel``.
+The grounding terms here reproduce the authors' ``get_grounding_loss_by_layer`` exactly (checked
+against reference values computed by their code), but for a whole batch at once: per-sample values
+``[B]``, no Python loop over samples, phrases or tokens. All grounding math runs in float32 with
+autocast disabled, whatever the model's precision.
+
+Inputs shared by the grounding losses:
+    maps:  ``{(h, w): [A_1, A_2, ...]}`` cross-attention probabilities of one resolution's layers,
+           each ``[B, H, N, L]`` (``N = h*w``; ``L`` text tokens, or a captured column subset).
+    index: ``[B, P, T]`` long, token positions (columns of ``A``) of each phrase's tokens.
+    valid: ``[B, P, T]`` bool, True for real tokens (padding is False; a phrase with no valid token
+           is absent).
+    masks: ``{(h, w): [B, P, N]}`` binary phrase masks already at that resolution (see ``masks.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Size = tuple[int, int]
+
+
+def denoise_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE between predicted and true noise (or v): ``[B, C, h, w]`` x2 -> ``[B]`` float32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def gather_phrase_columns(attn: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Columns of each phrase token: ``attn [B, H, N, L]``, ``index [B, P, T]`` -> ``[B, H, N, P, T]``."""
+    b, h, n, _ = attn.shape
+    _, p, t = index.shape
+    idx = index.reshape(b, 1, 1, p * t).expand(b, h, n, p * t)
+    return attn.gather(-1, idx).reshape(b, h, n, p, t)
+
+
+def _phrase_counts(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token counts ``[B, P]``, phrase validity ``[B, P]`` and phrase counts ``[B]`` (counts clamped >= 1)."""
+    tokens = valid.sum(-1)
+    phrase_valid = tokens > 0
+    phrases = phrase_valid.sum(-1)
+    return tokens.clamp_min(1), phrase_valid, phrases.clamp_min(1)
+
+
+def _token_term(cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1 - mean_h a_h(t))^2`` per token: cols ``[B, H, N, P, T]``, mask ``[B, P, N]`` -> ``[B, P, T]``.
+
+    ``a_h(t) = sum_u A_h[u, t] M[u] / sum_u A_h[u, t]``: the share of token t's attention inside the mask.
+    """
+    inside = torch.einsum("bhnpt,bpn->bhpt", cols, mask)
+    total = cols.sum(2)
+    # A is non-negative, so total == 0 means inside == 0: define the share as 0 there (loss 1, no
+    # gradient) instead of NaN; wherever the paper's value is finite it is unchanged.
+    share = inside / torch.where(total > 0, total, torch.ones_like(total))
+    return (1.0 - share.mean(1)) ** 2
+
+
+@dataclass
+class GroundingLosses:
+    """Per-sample grounding losses (float32) and their per-resolution parts, all ``[B]``."""
+
+    token: torch.Tensor
+    pixel: torch.Tensor
+    token_parts: dict[Size, torch.Tensor]
+    pixel_parts: dict[Size, torch.Tensor]
+
+
+def _prepare(
+    maps: Mapping[Size, Sequence[torch.Tensor]],
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    masks: Mapping[Size, torch.Tensor],
+):
+    if not maps:
+        raise ValueError("no attention maps given: was the UNet run inside AttentionCapture?")
+    missing = [s for s in maps if s not in masks]
+    if missing:
+        raise KeyError(f"no masks for attention size(s) {missing}; masks are given for {list(masks)}")
+    device = next(iter(maps.values()))[0].device
+    index = index.to(device)
+    valid = valid.to(device)
+    # Padded token slots point at column 0 (the start token); their values are masked out below.
+    index = torch.where(valid, index, torch.zeros_like(index))
+    return index, valid, device
+
+
+def token_loss_at(
+    layers: Sequence[torch.Tensor], index: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Token loss of one resolution: summed over its layers, averaged over phrases -> ``[B]``.
+
+    Per layer and phrase: mean over the phrase's tokens of ``(1 - mean_h a_h(t))^2``.
+    """
+    tokens, phrase_valid, phrases = _phrase_counts(valid)
+    m = mask.float()
+    vt = valid.float()
+    total = 0.0
+    for attn in layers:
+        cols = gather_phrase_columns(attn.float(), index)
+        term = _token_term(cols, m)  # [B, P, T]
+        total = total + (term * vt).sum(-1) / tokens  # [B, P]
+    return (total * phrase_valid).sum(-1) / phrases
+
+
+def pixel_loss_at(
+    layers: Sequence[torch.Tensor], index: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Pixel loss of one resolution -> ``[B]``.
+
+    Average the maps over heads, then over layers; a phrase's map is the sum of its tokens' columns,
+    scored by binary cross-entropy against the mask (mean over pixels, logs clamped at -100 as torch's
+    ``BCELoss``), averaged over phrases.
+    """
+    _, phrase_valid, phrases = _phrase_counts(valid)
+    avg = 0.0
+    for attn in layers:
+        avg = avg + gather_phrase_columns(attn.float(), index).mean(1)  # [B, N, P, T]
+    avg = avg / len(layers)
+    prob = (avg * valid.unsqueeze(1)).sum(-1)  # [B, N, P]
+    # Rounding can push a sum of probabilities a hair above 1; BCE needs [0, 1].
+    prob = prob.clamp(0.0, 1.0).transpose(1, 2)  # [B, P, N]
+    bce = F.binary_cross_entropy(prob, mask.float(), reduction="none").mean(-1)  # [B, P]
+    return (bce * phrase_valid).sum(-1) / phrases
+
+
+def grounding_losses(
+    maps: Mapping[Size, Sequence[torch.Tensor]],
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    masks: Mapping[Size, torch.Tensor],
+    token: bool = True,
+    pixel: bool = True,
+) -> GroundingLosses:
+    """``L_token`` and ``L_pixel`` per sample, summed over resolutions (the paper's objective terms).
+
+    A sample without a valid phrase contributes exactly 0. Set ``token``/``pixel`` False to skip a term
+    (its values are then zeros).
+    """
+    index, valid, device = _prepare(maps, index, valid, masks)
+    b = index.shape[0]
+    zero = torch.zeros(b, device=device)
+    token_parts: dict[Size, torch.Tensor] = {}
+    pixel_parts: dict[Size, torch.Tensor] = {}
+    # BCE is autocast-unsafe and the paper's math is float32: run the losses outside autocast.
+    with torch.autocast(device_type=device.type, enabled=False):
+        for size, layers in maps.items():
+            mask = masks[size].to(device)
+            if token:
+                token_parts[size] = token_loss_at(layers, index, valid, mask)
+            if pixel:
+                pixel_parts[size] = pixel_loss_at(layers, index, valid, mask)
+    token_total = sum(token_parts.values(), zero)
+    pixel_total = sum(pixel_parts.values(), zero)
+    return GroundingLosses(token_total, pixel_total, token_parts, pixel_parts)
+
+
+def token_loss(maps, index, valid, masks) -> torch.Tensor:
+    """``L_token`` per sample ``[B]`` (see :func:`grounding_losses`)."""
+    return grounding_losses(maps, index, valid, masks, pixel=False).token
+
+
+def pixel_loss(maps, index, valid, masks) -> torch.Tensor:
+    """``L_pixel`` per sample ``[B]`` (see :func:`grounding_losses`)."""
+    return grounding_losses(maps, index, valid, masks, token=False).pixel
+
+
+def remap_to_columns(index: torch.Tensor, valid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Token positions -> positions within a captured column subset ``columns [K]``.
+
+    Use when :class:`~tokencompose.attention.AttentionCapture` stored only some columns. Raises if a
+    valid token's column was not captured.
+    """
+    size = int(max(int(columns.max()), int(index.max()))) + 1
+    lookup = torch.full((size,), -1, dtype=torch.long, device=index.device)
+    lookup[columns.to(index.device)] = torch.arange(len(columns), device=index.device)
+    out = lookup[torch.where(valid, index, torch.zeros_like(index))]
+    if bool(((out < 0) & valid).any()):
+        raise ValueError("a supervised token's column was not captured")
+    return torch.where(valid, out, torch.zeros_like(out))

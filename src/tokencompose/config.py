@@ -1,0 +1,457 @@
+"""Typed configuration: dataclass schema, YAML presets, ``extends:`` merging, dotted ``key=value`` overrides.
+
+A config is built in one pass, before anything heavy is imported or loaded::
+
+    cfg = load_config("shapes_tiny", ["train.max_steps=50", "loss.token_weight=0"])
+
+``source`` is a YAML path or a preset name (``src/tokencompose/configs/NAME.yaml``, shipped as package
+data; the top-level ``configs/`` folder is a link to it). A YAML file may name a base with
+``extends: other`` (a preset name or a path relative to the file); mappings merge key by key, lists
+and scalars replace. Every key is checked against the schema and every value parsed to the field's
+type and range-checked; an error names the dotted key (and suggests the closest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; ``key`` is the dotted name."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Attribute docstrings document each field; defaults are the paper's SD 1.4 recipe where
+# one exists, so a preset only states what differs.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    path: str = "CompVis/stable-diffusion-v1-4"
+    """Diffusers-layout folder or hub id. ``tiny`` = tiny random-init SD-shaped model (tests, shapes world)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); ignored for local folders."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the scheduler's prediction type (SD 2.x 768 px models are ``v_prediction``); None = keep."""
+    family: Literal["sd"] = "sd"
+    """Model family: ``sd`` (SD 1.x / 2.x, one CLIP text encoder). ``sdxl`` is planned."""
+
+
+@dataclass
+class ShapesConfig:
+    num: int = 0
+    """When > 0 and ``data.path`` does not exist, render this many shapes-world images there first."""
+    seed: int = 0
+    """Seed of the rendered shapes world."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Training list: ``metadata.jsonl`` in the paper's format (relative paths resolve from its folder)."""
+    image_size: int = 512
+    """Side ``S`` of the square training crop, in pixels (512 for SD 1.x, 768 for SD 2.x-v)."""
+    latent_cache: str | None = None
+    """Folder of cached VAE posteriors (mean, std) built by ``tokencompose prepare``; the VAE then never runs."""
+    num_workers: int = 2
+    """DataLoader worker processes (0 = load in the training process)."""
+    flip: bool = False
+    """Random horizontal flip (off in the paper; not with a latent cache)."""
+    shuffle: bool = True
+    """Shuffle every epoch (a fixed permutation per (seed, epoch): resumable)."""
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    """Render the built-in shapes world to ``path`` if it is missing."""
+
+
+@dataclass
+class LossConfig:
+    token_weight: float = 1e-3
+    """lambda, weight of L_token. 0 removes the term and its cost."""
+    pixel_weight: float = 5e-5
+    """gamma, weight of L_pixel. 0 removes the term and its cost."""
+    roi_weight: float = 0.0
+    """Weight of the ROI-token contrastive alignment term (0 = off; not implemented yet)."""
+    layers: list[str] = field(default_factory=lambda: ["mid", "up"])
+    """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or layer-name prefixes."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    """Peak learning rate (constant after warm-up)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up: lr * min(1, (step + 1) / warmup_steps); 0 = constant from the first step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping (the norm is still logged)."""
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the UNet weights (saved as ``unet_ema/``)."""
+    decay: float = 0.9999
+    """EMA decay."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 = full fine-tuning of the UNet."""
+    alpha: float | None = None
+    """LoRA alpha (scale = alpha / rank); None = rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that get adapters (peft ``target_modules``)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA path."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1
+    """Micro-batch per process. Effective batch = batch_size * grad_accum * number of processes."""
+    grad_accum: int = 4
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 24000
+    """Optimizer steps (skipped NaN steps count)."""
+    precision: Precision = "fp32"
+    """Mixed precision through Accelerate; falls back to fp32 where autocast is unsupported."""
+    grad_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass (less memory, ~30% more compute)."""
+    seed: int = 0
+    """Seeds model init (tiny), data order, noise, timesteps and every library RNG."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)`` (slower on GPU; bit-exact reruns)."""
+    allow_tf32: bool = True
+    """TF32 matmuls on Ampere+ GPUs (ignored elsewhere)."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """On a non-finite loss or gradient: skip the optimizer step and count it, or stop with an error."""
+    max_nan_skips: int = 100
+    """Stop anyway after this many skipped steps in one run."""
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Optimizer steps between log rows (the only host syncs of the loop)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``RUN_DIR/tensorboard``."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    curves: bool = True
+    """Draw ``loss_curves.png`` at the end."""
+    smoothing: float = 0.9
+    """EMA factor of the smoothed curves."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Optimizer steps between checkpoints (the last step is always saved)."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (>= 1)."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Run folder: config.yaml, manifest.json, metrics.jsonl, tensorboard/, checkpoints/. Rerun = resume."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Range checks: (dotted key, predicate, message). Run after every build.
+# --------------------------------------------------------------------------------------------------
+_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("model.path", lambda v: bool(v), "must not be empty"),
+    ("data.image_size", lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8"),
+    ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
+    ("data.shapes.num", lambda v: v >= 0, "must be >= 0"),
+    ("loss.token_weight", lambda v: v >= 0, "must be >= 0"),
+    ("loss.pixel_weight", lambda v: v >= 0, "must be >= 0"),
+    ("loss.roi_weight", lambda v: v == 0, "the ROI alignment term is not implemented yet; use 0"),
+    ("loss.layers", lambda v: len(v) > 0, "must name at least one layer group"),
+    ("optim.lr", lambda v: v > 0, "must be > 0"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "each beta must be in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optim.eps", lambda v: v > 0, "must be > 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("optim.max_grad_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
+    ("train.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("train.grad_accum", lambda v: v >= 1, "must be >= 1"),
+    ("train.max_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.max_nan_skips", lambda v: v >= 0, "must be >= 0"),
+    ("train.ema.decay", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("train.lora.rank", lambda v: v >= 0, "must be >= 0 (0 = full fine-tuning)"),
+    ("train.lora.alpha", lambda v: v is None or v > 0, "must be > 0"),
+    ("train.lora.target_modules", lambda v: len(v) > 0, "must name at least one module"),
+    ("train.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("log.every", lambda v: v >= 1, "must be >= 1"),
+    ("log.smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("checkpoint.every", lambda v: v >= 1, "must be >= 1"),
+    ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
+]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks; raises :class:`ConfigError` naming the key."""
+    for key, ok, msg in _CHECKS:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(key, f"{msg}, got {value!r}")
+    if cfg.data.latent_cache and cfg.data.flip:
+        raise ConfigError("data.flip", "cannot be used with data.latent_cache (the cache holds unflipped latents)")
+    if not cfg.data.path:
+        raise ConfigError("data.path", "must name a metadata.jsonl training list")
+    if cfg.train.ema.enabled and cfg.train.lora.rank > 0:
+        raise ConfigError("train.ema.enabled", "EMA of LoRA adapters is not supported; use full fine-tuning")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with typed parsing.
+# --------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _parse(value: Any, tp: Any, key: str) -> Any:
+    """Parse ``value`` (YAML data or an override string already YAML-parsed) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_null and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "mid,up" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
+            return tuple(_parse(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        return origin(_parse(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return ConfigError(key, f"unknown key{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise _unknown(key, str(name), names)
+        kwargs[name] = _parse(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data (unknown keys rejected)."""
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}")
+    return validate(_build(Config, data))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested data (tuples as lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML files, presets, overrides.
+# --------------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files("tokencompose") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_source(source: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML path (as given, or relative to ``relative_to``) or a preset name -> an existing file."""
+    p = Path(source)
+    candidates = [p] if relative_to is None or p.is_absolute() else [relative_to / p, p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    preset = resources.files("tokencompose") / "configs" / f"{name}.yaml"
+    if preset.is_file():
+        with resources.as_file(preset) as real:
+            return Path(real)
+    raise FileNotFoundError(f"no config file {str(source)!r} and no preset of that name (presets: {preset_names()})")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(source: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following ``extends:`` chains, -> merged plain data (not yet validated)."""
+    path = resolve_source(source) if not _seen else resolve_source(source, _seen[-1].parent)
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError("extends", f"circular extends: {' -> '.join(str(p) for p in (*_seen, path))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"{path} must hold a mapping")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError("extends", f"must be a preset name or a path, got {base!r}")
+    return _merge(load_yaml(base, (*_seen, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(key or text, f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in plain data; the key path is checked against the schema here."""
+    data = _merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        cls: Any = Config
+        node = data
+        for i, part in enumerate(parts):
+            key = ".".join(parts[: i + 1])
+            fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+            if part not in fields:
+                raise _unknown(key, part, list(fields)) if fields else ConfigError(key, "is not a section")
+            tp = typing.get_type_hints(cls)[part]
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(key, "is a value, not a section")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(key, "is a section in the schema but not in the file")
+                cls = tp
+    return data
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset name, YAML path or plain data (+ dotted overrides) -> a validated :class:`Config`."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = _merge({}, source)
+        if "extends" in data:
+            data = _merge(load_yaml(data.pop("extends")), data)
+    else:
+        data = load_yaml(source)
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every field, no ``extends``) as YAML."""
+    Path(path).write_text(dump_yaml(cfg))

@@ -1,0 +1,321 @@
+"""Token-supervised dataset and collate: the batch contract the trainer reads.
+
+Memory stays flat as the dataset grows: a jsonl source is held as an array of byte offsets (8 bytes a
+row); rows, images and masks are read on demand, in DataLoader workers when there are any.
+Per sample: resize the shorter side to ``S`` and center-crop (the paper's transform), identically for
+image and masks, optional horizontal flip, masks brought to every attention size with the core's rule
+once here (not every step), boxes moved into the crop. Whatever is dropped is named in
+``sample["dropped"]`` so counts survive worker processes (see :class:`~tokencompose.data.records.DropCounter`).
+
+Batch (``B`` samples, ``P`` phrases, ``T`` tokens per phrase, ``N = h*w``): see :func:`collate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokencompose.data import records as R
+from tokencompose.data.official import load_mask
+from tokencompose.masks import Size, attention_sizes, masks_at_resolutions
+from tokencompose.tokens import phrase_token_positions
+
+log = logging.getLogger(__name__)
+
+MAX_SUBSTITUTES = 16  # how many following records to try when an image cannot be read
+
+
+class JsonlIndex:
+    """Byte offsets of the valid rows of a jsonl file; rows are parsed on access (lazy, flat memory)."""
+
+    def __init__(self, path: str | Path, root: str | Path | None = None) -> None:
+        self.path = str(path)
+        self.root = Path(root) if root is not None else Path(path).resolve().parent
+        self.errors: list[tuple[int, str]] = []
+        offsets = []
+        for lineno, offset, raw in R.iter_jsonl_lines(self.path):
+            try:  # validate once here so a bad line is reported with its number, not in a worker later
+                R.parse_row(json.loads(raw), None)
+                offsets.append(offset)
+            except (ValueError, UnicodeDecodeError) as err:
+                log.warning("%s:%d: malformed line skipped: %s", self.path, lineno, err)
+                self.errors.append((lineno, str(err)))
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._fh = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> R.Record:
+        if self._fh is None or self._pid != os.getpid():  # one handle per (worker) process
+            self._fh = open(self.path, "rb")  # noqa: SIM115 -- kept open for the life of the process
+            self._pid = os.getpid()
+        self._fh.seek(int(self.offsets[i]))
+        return R.parse_row(json.loads(self._fh.readline()), self.root)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fh"], state["_pid"] = None, -1
+        return state
+
+
+def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int, float, float]:
+    """Resize-shorter-side + center-crop as torchvision: ``(new_w, new_h, left, top, sx, sy)``."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return new_w, new_h, left, top, new_w / width, new_h / height
+
+
+def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Image file -> (float ``[3, S, S]`` in [-1, 1] after resize-shorter-side + center crop, original (W, H))."""
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    width, height = image.size
+    new_w, new_h, left, top, _, _ = crop_geometry(width, height, size)
+    image = image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels, (width, height)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Records (list or Source-A jsonl path) -> samples for :func:`collate`.
+
+    Args:
+        records_or_jsonl_path: a list of :class:`Record` or the path of a Source-A jsonl file.
+        tokenizer: the text encoder's tokenizer (CLIP: ``model_max_length`` 77).
+        image_size: ``S``, side of the square training crop.
+        attention_sizes: ``[(h, w)]`` mask sizes; default: SD's four attention sizes for ``S``.
+        latent_cache: a :class:`~tokencompose.data.latents.LatentCache` or its folder; when given,
+            samples carry ``latent_mean``/``latent_std`` instead of ``pixel_values``.
+        flip: random horizontal flip (off by default, as the paper; incompatible with a latent cache).
+        root: folder that relative paths in the jsonl are relative to (default: the file's folder).
+    """
+
+    def __init__(
+        self,
+        records_or_jsonl_path: Sequence[R.Record] | str | Path,
+        tokenizer: Any,
+        image_size: int,
+        attention_sizes: Sequence[Size] | None = None,
+        latent_cache: Any = None,
+        flip: bool = False,
+        root: str | Path | None = None,
+    ) -> None:
+        if isinstance(records_or_jsonl_path, str | Path):
+            self.source: Any = JsonlIndex(records_or_jsonl_path, root)
+            self._index_drops = Counter({R.MALFORMED_LINE: len(self.source.errors)} if self.source.errors else {})
+        else:
+            self.source = list(records_or_jsonl_path)
+            self._index_drops = Counter()
+        self.tokenizer = tokenizer
+        self.max_length = int(getattr(tokenizer, "model_max_length", 77))
+        self.image_size = int(image_size)
+        self.attention_sizes = [tuple(s) for s in (attention_sizes or _default_sizes(self.image_size))]
+        self.flip = bool(flip)
+        if latent_cache is not None:
+            from tokencompose.data.latents import LatentCache
+
+            if not isinstance(latent_cache, LatentCache):
+                latent_cache = LatentCache(latent_cache)
+            if flip:
+                raise ValueError("flip=True cannot be used with a latent cache: the cache holds unflipped latents")
+            latent_cache.check(image_size=self.image_size, num_records=len(self.source), records=self.source)
+        self.latent_cache = latent_cache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def record(self, i: int) -> R.Record:
+        return self.source[i]
+
+    def drop_counts(self) -> dict[str, int]:
+        """Index-time drops (malformed lines), counted once per epoch; per-sample drops travel in batches."""
+        return dict(self._index_drops)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        dropped: list[str] = []
+        n = len(self)
+        for k in range(min(MAX_SUBSTITUTES, n)):
+            j = (i + k) % n
+            sample = self._load(j, dropped)
+            if sample is not None:
+                sample["dropped"] = dropped
+                return sample
+        raise RuntimeError(f"records {i}..{i + MAX_SUBSTITUTES - 1} all have unreadable images; see the log")
+
+    # -- one sample --------------------------------------------------------------------------------
+    def _load(self, i: int, dropped: list[str]) -> dict[str, Any] | None:
+        """Sample ``i``, or None when its image (or latent) is unusable (reason appended to ``dropped``)."""
+        rec = self.record(i)
+        s = self.image_size
+        sample: dict[str, Any] = {"index": i, "caption": rec.caption}
+        if self.latent_cache is not None:
+            got = self.latent_cache.get(i)
+            if got is None:
+                log.warning("no cached latent for record %d (%s): substituting the next record", i, rec.image)
+                dropped.append(R.MISSING_LATENT)
+                return None
+            sample["latent_mean"], sample["latent_std"], (width, height) = got
+            geom = crop_geometry(width, height, s)
+        else:
+            try:
+                pixels, (width, height) = load_image(rec.image, s)
+            except FileNotFoundError:
+                log.warning("missing image %s: substituting the next record", rec.image)
+                dropped.append(R.MISSING_IMAGE)
+                return None
+            except (OSError, ValueError) as err:
+                log.warning("unreadable image %s (%s): substituting the next record", rec.image, err)
+                dropped.append(R.UNREADABLE_IMAGE)
+                return None
+            geom = crop_geometry(width, height, s)
+            sample["pixel_values"] = pixels
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        if flip and "pixel_values" in sample:
+            sample["pixel_values"] = sample["pixel_values"].flip(-1)
+
+        positions, masks, boxes, box_valid, texts = [], [], [], [], []
+        seen: set[str] = set()
+        for ph in rec.phrases:
+            key = ph.text.strip().lower()
+            if key in seen:
+                dropped.append(R.DUPLICATE_PHRASE)
+                continue
+            seen.add(key)
+            if ph.mask is None:
+                dropped.append(R.NULL_MASK)
+                continue
+            pos = phrase_token_positions(self.tokenizer, rec.caption, ph.text, self.max_length)
+            if pos is None:
+                found = phrase_token_positions(self.tokenizer, rec.caption, ph.text, 1 << 30)
+                reason = R.BEYOND_TOKEN_WINDOW if found is not None else R.PHRASE_NOT_IN_CAPTION
+                log.warning("dropping phrase %r of %s: %s", ph.text, rec.image, reason)
+                dropped.append(reason)
+                continue
+            mask = self._load_mask(ph.mask, (width, height), geom, dropped)
+            if mask is None:
+                continue
+            if flip:
+                mask = mask[:, ::-1]
+            box = _crop_box(ph.box, geom, s, flip) if ph.box is not None else _mask_box(mask)
+            positions.append(pos)
+            masks.append(np.ascontiguousarray(mask))
+            boxes.append(box if box is not None else (0.0, 0.0, 0.0, 0.0))
+            box_valid.append(box is not None)
+            texts.append(ph.text)
+        if not positions:
+            dropped.append(R.NO_USABLE_PHRASE)
+        stacked = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, s, s, dtype=torch.bool)
+        sample["masks"] = masks_at_resolutions(stacked, self.attention_sizes)
+        sample["positions"] = positions
+        sample["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        sample["box_valid"] = torch.tensor(box_valid, dtype=torch.bool)
+        sample["phrases"] = texts
+        ids = self.tokenizer(rec.caption, padding="max_length", max_length=self.max_length, truncation=True)
+        sample["input_ids"] = torch.tensor(ids["input_ids"], dtype=torch.long)
+        return sample
+
+    def _load_mask(self, path: str, image_size: tuple[int, int], geom: tuple, dropped: list[str]) -> np.ndarray | None:
+        """Mask file -> bool ``[S, S]`` in the crop, or None (reason appended)."""
+        try:
+            mask = load_mask(path)
+        except FileNotFoundError:
+            log.warning("missing mask %s: phrase dropped", path)
+            dropped.append(R.MISSING_MASK)
+            return None
+        except (OSError, ValueError) as err:
+            log.warning("unreadable mask %s (%s): phrase dropped", path, err)
+            dropped.append(R.UNREADABLE_MASK)
+            return None
+        im = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+        if im.size != image_size:
+            # Masks that do not match their image are stretched onto it first, then cropped with it.
+            log.debug("mask %s is %s, image is %s: resized to the image", path, im.size, image_size)
+            dropped.append(R.MASK_RESIZED)
+            im = im.resize(image_size, Image.NEAREST)
+        new_w, new_h, left, top, _, _ = geom
+        s = self.image_size
+        im = im.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + s, top + s))
+        out = np.asarray(im) >= 128
+        if not out.any():
+            # An object cropped away would teach "attend nowhere": drop rather than supervise wrongly.
+            dropped.append(R.EMPTY_MASK)
+            return None
+        return out
+
+
+def _default_sizes(image_size: int) -> list[Size]:
+    return attention_sizes((image_size, image_size))
+
+
+def _crop_box(box: R.Box, geom: tuple, size: int, flip: bool) -> R.Box | None:
+    """Box in original pixels -> box in the (flipped) crop, clipped; None when nothing is left."""
+    _, _, left, top, sx, sy = geom
+    x0, y0 = min(max(box[0] * sx - left, 0.0), size), min(max(box[1] * sy - top, 0.0), size)
+    x1, y1 = min(max(box[2] * sx - left, 0.0), size), min(max(box[3] * sy - top, 0.0), size)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    if flip:
+        x0, x1 = size - x1, size - x0
+    return (x0, y0, x1, y1)
+
+
+def _mask_box(mask: np.ndarray) -> R.Box | None:
+    """Bounding box (x0, y0, x1, y1), exclusive max, of a bool ``[S, S]`` mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> batch (``P``, ``T`` padded to the batch max, ``P >= 1``).
+
+    Keys: ``pixel_values`` float ``[B, 3, S, S]`` in [-1, 1] or ``latent_mean``/``latent_std`` float
+    ``[B, 4, S/8, S/8]``; ``input_ids`` long ``[B, 77]``; ``token_index`` long / ``token_valid`` bool
+    ``[B, P, T]``; ``masks`` ``{(h, w): bool [B, P, h*w]}``; ``boxes`` float ``[B, P, 4]`` and
+    ``box_valid`` bool ``[B, P]``; ``captions``; ``phrases`` (kept, aligned with ``P``); ``index`` long
+    ``[B]``; ``dropped`` list of reason strings for the whole batch.
+    """
+    from tokencompose.tokens import pad_token_positions
+
+    b = len(samples)
+    token_index, token_valid = pad_token_positions([s["positions"] for s in samples])
+    p = token_index.shape[1]
+    batch: dict[str, Any] = {}
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples]).float()
+    batch["input_ids"] = torch.stack([s["input_ids"] for s in samples])
+    batch["token_index"], batch["token_valid"] = token_index, token_valid
+    masks: dict[Size, torch.Tensor] = {}
+    for size, first in samples[0]["masks"].items():
+        out = torch.zeros(b, p, first.shape[-1], dtype=torch.bool)
+        for i, s in enumerate(samples):
+            m = s["masks"][size]
+            out[i, : m.shape[0]] = m
+        masks[size] = out
+    batch["masks"] = masks
+    boxes = torch.zeros(b, p, 4, dtype=torch.float32)
+    box_valid = torch.zeros(b, p, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        k = s["boxes"].shape[0]
+        boxes[i, :k], box_valid[i, :k] = s["boxes"], s["box_valid"]
+    batch["boxes"], batch["box_valid"] = boxes, box_valid
+    batch["captions"] = [s["caption"] for s in samples]
+    batch["phrases"] = [list(s["phrases"]) for s in samples]
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    batch["dropped"] = [r for s in samples for r in s.get("dropped", [])]
+    return batch

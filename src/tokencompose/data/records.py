@@ -1,0 +1,191 @@
+"""Training records and the one on-disk format every source writes (the paper's ``metadata.jsonl``).
+
+A row is ``{"file_name", "text", "attn_list": [[phrase, mask_path | null], ...]}`` plus an optional
+``"boxes": [[x0, y0, x1, y1] | null, ...]`` aligned with ``attn_list`` (pixels of the original image).
+Relative paths are relative to the folder of the jsonl file. Bad lines never crash a run: they are
+reported with their line number and counted by reason (see :class:`DropCounter`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+
+# Every reason a record, phrase or line can be dropped (or fixed up) for; one string each so that
+# counts can travel through DataLoader workers inside batches.
+MALFORMED_LINE = "malformed_line"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+NULL_MASK = "null_mask"
+MISSING_MASK = "missing_mask"
+UNREADABLE_MASK = "unreadable_mask"
+MASK_RESIZED = "mask_resized_to_image"  # not a drop: the mask was resized to the image, then cropped
+EMPTY_MASK = "empty_mask_after_crop"
+PHRASE_NOT_IN_CAPTION = "phrase_not_in_caption"
+BEYOND_TOKEN_WINDOW = "phrase_beyond_token_window"
+DUPLICATE_PHRASE = "duplicate_phrase"
+NO_USABLE_PHRASE = "no_usable_phrase"  # the sample is kept for the denoising loss only
+MISSING_LATENT = "missing_latent"
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """A noun phrase of a caption with its mask file (None = no mask) and box (x0, y0, x1, y1) or None."""
+
+    text: str
+    mask: str | None = None
+    box: Box | None = None
+
+
+@dataclass
+class Record:
+    """One training image: image path, caption, phrases."""
+
+    image: str
+    caption: str
+    phrases: list[Phrase] = field(default_factory=list)
+
+
+class MalformedRow(ValueError):
+    """A jsonl line that cannot be turned into a :class:`Record`."""
+
+
+def _resolve(root: Path | None, path: str | None) -> str | None:
+    if path is None or root is None or os.path.isabs(path):
+        return path
+    return str(root / path)
+
+
+def parse_row(row: Any, root: Path | None = None) -> Record:
+    """One decoded jsonl row -> :class:`Record` (paths resolved against ``root``); raises :class:`MalformedRow`."""
+    if not isinstance(row, dict):
+        raise MalformedRow(f"expected a JSON object, got {type(row).__name__}")
+    image, text = row.get("file_name"), row.get("text")
+    if not isinstance(image, str) or not image:
+        raise MalformedRow("missing or non-string 'file_name'")
+    if not isinstance(text, str):
+        raise MalformedRow("missing or non-string 'text'")
+    attn = row.get("attn_list", [])
+    if not isinstance(attn, list):
+        raise MalformedRow("'attn_list' must be a list of [phrase, mask_path | null]")
+    boxes = row.get("boxes")
+    if boxes is not None and (not isinstance(boxes, list) or len(boxes) != len(attn)):
+        raise MalformedRow("'boxes' must be a list aligned with 'attn_list'")
+    phrases = []
+    for k, item in enumerate(attn):
+        if not (isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise MalformedRow(f"attn_list[{k}] must be [phrase, mask_path | null]")
+        if item[1] is not None and not isinstance(item[1], str):
+            raise MalformedRow(f"attn_list[{k}] mask path must be a string or null")
+        box = None
+        if boxes is not None and boxes[k] is not None:
+            b = boxes[k]
+            if not (isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)):
+                raise MalformedRow(f"boxes[{k}] must be [x0, y0, x1, y1] or null")
+            box = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+        phrases.append(Phrase(item[0], _resolve(root, item[1]), box))
+    return Record(image=_resolve(root, image), caption=text, phrases=phrases)
+
+
+def record_to_row(record: Record, root: Path | None = None) -> dict[str, Any]:
+    """:class:`Record` -> jsonl row; paths under ``root`` are written relative to it."""
+
+    def rel(p: str | None) -> str | None:
+        if p is None or root is None:
+            return p
+        try:
+            return os.path.relpath(p, root) if os.path.isabs(p) else p
+        except ValueError:  # another drive on Windows
+            return p
+
+    row: dict[str, Any] = {
+        "file_name": rel(record.image),
+        "text": record.caption,
+        "attn_list": [[p.text, rel(p.mask)] for p in record.phrases],
+    }
+    if any(p.box is not None for p in record.phrases):
+        row["boxes"] = [None if p.box is None else [round(float(v), 2) for v in p.box] for p in record.phrases]
+    return row
+
+
+def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(line_number, byte_offset, raw_line)`` for every non-blank line (1-based line numbers)."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield lineno, offset, raw
+            offset += len(raw)
+
+
+def read_jsonl(
+    path: str | Path, root: str | Path | None = None, errors: list[tuple[int, str]] | None = None
+) -> list[Record]:
+    """Read a Source-A jsonl file into records; malformed lines are logged with their line number and skipped.
+
+    ``root`` defaults to the file's folder; ``errors`` (if given) receives ``(line_number, message)``.
+    """
+    base = Path(root) if root is not None else Path(path).resolve().parent
+    records = []
+    for lineno, _, raw in iter_jsonl_lines(path):
+        try:
+            records.append(parse_row(json.loads(raw), base))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError and MalformedRow are ValueErrors
+            log.warning("%s:%d: malformed line skipped: %s", path, lineno, err)
+            if errors is not None:
+                errors.append((lineno, str(err)))
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:
+    """Write records as Source-A rows, paths relative to the file's folder; returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.resolve().parent
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record_to_row(record, root), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+class DropCounter:
+    """Counts drops by reason over an epoch; fed with batches (``batch["dropped"]``) in the training loop.
+
+    With DataLoader workers, per-sample drops happen in worker processes, so they travel inside the
+    batches; index-time drops (malformed lines) come from :meth:`TokenDataset.drop_counts` once.
+    """
+
+    def __init__(self, initial: Mapping[str, int] | None = None) -> None:
+        self._initial = Counter(initial or {})
+        self.counts: Counter[str] = Counter(self._initial)
+
+    def update(self, dropped: Mapping[str, Any] | Iterable[str]) -> None:
+        """Add a batch (dict with a ``"dropped"`` list) or an iterable of reason strings."""
+        reasons = dropped.get("dropped", []) if isinstance(dropped, Mapping) else dropped
+        self.counts.update(reasons)
+
+    def reset(self) -> None:
+        """Start a new epoch (index-time drops are kept: they apply to every epoch)."""
+        self.counts = Counter(self._initial)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def report(self, logger: logging.Logger | None = None, prefix: str = "data drops") -> str:
+        """One line ``prefix: reason=n, ...`` (or ``none``), also logged at INFO."""
+        body = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
+        line = f"{prefix}: {body}"
+        (logger or log).info(line)
+        return line

@@ -1,0 +1,293 @@
+"""Source C, the shapes world: rendered scenes of coloured geometric objects with exact masks and boxes.
+
+A category is ``"<colour> <shape>"`` (default 6 colours x 4 shapes = 24). Scenes hold 1..K objects of
+distinct categories, painted in order on a plain light-gray background; an object's mask is what
+stays visible after the later ones are painted (occlusion respected), its box is that mask's box.
+Placement limits keep scenes readable for the detector: every object keeps at least
+``1 - max_occlusion`` of its pixels, its visible part is one piece, and objects of the same colour
+never touch (they would merge into one colour region). Scene ``i`` of seed ``s`` depends on
+``(s, i)`` only, so any subset can be re-rendered. Written in Source A's format (+ ``boxes``).
+
+The exact detector :func:`detect_shapes` lives in :mod:`tokencompose.data.shapes_detect`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Colours far apart in RGB (hues 60 degrees apart, high saturation) so that blur or a small model's
+# colour drift still lands nearest the right one; the background is a neutral light gray.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "purple": (160, 40, 200),
+    "cyan": (20, 190, 210),
+}
+# Shapes told apart by coarse geometry that survives blur at 64 px (fill of the box, corners, centroid).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+BACKGROUND: tuple[int, int, int] = (235, 235, 235)
+
+TEMPLATES: tuple[str, ...] = ("multigen", "plain", "there_is", "image_of")
+
+
+def categories(colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None) -> list[str]:
+    """Category names ``"<colour> <shape>"`` (colour-major order)."""
+    return [f"{c} {s}" for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: colour and shape names, centre (pixels) and the side of its bounding square."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    size: float
+
+    @property
+    def category(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
+    """Exact (aliased) bool ``[H, W]`` mask of a shape inscribed in a ``size``-sided square at ``(cx, cy)``."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+    dx, dy, r = x - cx, y - cy, size / 2.0
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        h = 0.85 * r  # a bit smaller than the box so its area is comparable with the circle's
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "triangle":  # apex up, base at the bottom of the box
+        t = (dy + r) / (2 * r)  # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+    if shape == "cross":
+        a = r / 3.0  # arm half-width: arms are a third of the box wide
+        return ((np.abs(dx) <= a) & (np.abs(dy) <= r)) | ((np.abs(dy) <= a) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def render_scene(
+    objects: Sequence[ShapeObject],
+    size: int = 64,
+    colors: dict[str, tuple[int, int, int]] | None = None,
+    background: tuple[int, int, int] = BACKGROUND,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, float, float] | None]]:
+    """Paint objects in order -> image uint8 ``[S, S, 3]``, visible masks bool ``[K, S, S]``, boxes.
+
+    A box is ``(x0, y0, x1, y1)`` of the visible mask (exclusive max), or None if nothing is visible.
+    """
+    palette = colors or COLORS
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = background
+    full = np.stack([shape_mask(o.shape, o.cx, o.cy, o.size, size, size) for o in objects]) if objects else None
+    visible = np.zeros((len(objects), size, size), dtype=bool)
+    for k, obj in enumerate(objects):
+        image[full[k]] = palette[obj.color]
+        visible[:k] &= ~full[k]
+        visible[k] = full[k]
+    boxes = [_box(m) for m in visible]
+    return image, visible, boxes
+
+
+def _box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    size: int = 64,
+    min_objects: int = 1,
+    max_objects: int = 4,
+    colors: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    min_scale: float = 0.2,
+    max_scale: float = 0.42,
+    max_occlusion: float = 0.1,
+    tries: int = 60,
+) -> list[ShapeObject]:
+    """Random objects of distinct categories within the placement limits (see module docstring)."""
+    from tokencompose.data.shapes_detect import label_components
+
+    cats = [(c, s) for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
+    k = int(rng.integers(min_objects, max_objects + 1))
+    k = min(k, len(cats))
+    while k >= 1:
+        for _ in range(20):  # whole-scene restarts
+            chosen = [cats[j] for j in rng.choice(len(cats), size=k, replace=False)]
+            objects: list[ShapeObject] = []
+            full: list[np.ndarray] = []
+            for color, shape in chosen:
+                for _ in range(tries):
+                    side = float(rng.uniform(min_scale, max_scale) * size)
+                    half = side / 2
+                    cx, cy = (float(rng.uniform(half, size - half)) for _ in range(2))
+                    m = shape_mask(shape, cx, cy, side, size, size)
+                    cand_objects, cand_full = [*objects, ShapeObject(color, shape, cx, cy, side)], [*full, m]
+                    if _valid(cand_objects, cand_full, max_occlusion, label_components):
+                        objects, full = cand_objects, cand_full
+                        break
+                else:
+                    break
+            if len(objects) == k:
+                return objects
+        k -= 1  # too crowded for this many objects at this size: try fewer
+    raise RuntimeError("could not place a single object; check min_scale/max_scale")
+
+
+def _valid(objects: list[ShapeObject], full: list[np.ndarray], max_occlusion: float, label_components) -> bool:
+    """Placement limits: visible fraction, one visible piece, no touching objects of the same colour."""
+    later = np.zeros_like(full[0])
+    visible = [None] * len(full)
+    for k in range(len(full) - 1, -1, -1):
+        visible[k] = full[k] & ~later
+        later |= full[k]
+    for k, m in enumerate(full):
+        area = int(m.sum())
+        if area == 0 or visible[k].sum() < (1.0 - max_occlusion) * area:
+            return False
+        if k < len(full) - 1 and label_components(visible[k])[1] != 1:
+            return False
+    new = objects[-1]
+    grown = _dilate(_dilate(full[-1]))  # a gap of >= 2 px between same-coloured objects
+    return all(not (o.color == new.color and (grown & full[j]).any()) for j, o in enumerate(objects[:-1]))
+
+
+def multigen_caption(categories: Sequence[str]) -> str:
+    """MultiGen's prompt: ``"a photo of a A, a B, and a C."`` (``"a photo of a A and a B."`` for two)."""
+    items = [f"a {c}" for c in categories]
+    if len(items) == 1:
+        body = items[0]
+    elif len(items) == 2:
+        body = f"{items[0]} and {items[1]}"
+    else:
+        body = ", ".join(items[:-1]) + f", and {items[-1]}"
+    return f"a photo of {body}."
+
+
+def _and_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
+def caption(categories: Sequence[str], template: str) -> str:
+    """A caption naming every category once, in the given order, with one of :data:`TEMPLATES`."""
+    items = [f"a {c}" for c in categories]
+    if template == "multigen":
+        return multigen_caption(categories)
+    if template == "plain":
+        return f"{_and_list(items)} on a gray background."
+    if template == "there_is":
+        return f"there is {_and_list(items)} in the picture."
+    if template == "image_of":
+        return f"an image showing {_and_list(items)}."
+    raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+
+
+def scene_record(seed: int, i: int, size: int = 64, templates: Sequence[str] = TEMPLATES, **scene_kw):
+    """Scene ``i`` of ``seed``: ``(objects, caption, caption_order)``, deterministic in ``(seed, i)``."""
+    rng = np.random.default_rng([seed, i])
+    objects = sample_scene(rng, size=size, **scene_kw)
+    order = [int(j) for j in rng.permutation(len(objects))]  # caption order independent of paint order
+    template = templates[int(rng.integers(len(templates)))]
+    return objects, caption([objects[j].category for j in order], template), order
+
+
+def make_shapes_dataset(
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    size: int = 64,
+    min_objects: int = 1,
+    max_objects: int = 4,
+    colors: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    templates: Sequence[str] = TEMPLATES,
+    max_occlusion: float = 0.1,
+    min_scale: float = 0.2,
+    max_scale: float = 0.42,
+) -> Path:
+    """Render ``num`` scenes into ``out`` (``images/``, ``masks/``, ``metadata.jsonl``, ``shapes.json``).
+
+    Returns the path of ``metadata.jsonl``. Phrases are the category names, in caption order.
+    """
+    from PIL import Image
+
+    from tokencompose.data.official import save_mask
+    from tokencompose.data.records import Phrase, Record, write_jsonl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    palette = {c: COLORS[c] for c in (colors or list(COLORS))}
+    kw = dict(
+        min_objects=min_objects,
+        max_objects=max_objects,
+        colors=list(palette),
+        shapes=list(shapes or SHAPES),
+        max_occlusion=max_occlusion,
+        min_scale=min_scale,
+        max_scale=max_scale,
+    )
+
+    def records():
+        for i in range(num):
+            objects, text, order = scene_record(seed, i, size, templates, **kw)
+            image, visible, boxes = render_scene(objects, size, palette)
+            shard = f"{i // 1000:04d}"
+            img_path = out / "images" / shard / f"{i:07d}.png"
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(img_path)
+            phrases = []
+            for j in order:
+                name = objects[j].category
+                mask_path = out / "masks" / shard / f"{i:07d}_{j}_{name.replace(' ', '_')}.png"
+                save_mask(mask_path, visible[j])
+                phrases.append(Phrase(name, str(mask_path.resolve()), boxes[j]))
+            yield Record(str(img_path.resolve()), text, phrases)
+
+    path = out / "metadata.jsonl"
+    write_jsonl(path, records())
+    meta = dict(seed=seed, num=num, size=size, background=BACKGROUND, templates=list(templates), **kw)
+    meta["colors"] = palette  # names -> RGB, what the detector needs
+    (out / "shapes.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+from tokencompose.data.shapes_detect import detect_shapes, label_components  # noqa: E402  (re-export)
+
+__all__ = [
+    "BACKGROUND",
+    "COLORS",
+    "SHAPES",
+    "TEMPLATES",
+    "ShapeObject",
+    "caption",
+    "categories",
+    "detect_shapes",
+    "label_components",
+    "make_shapes_dataset",
+    "multigen_caption",
+    "render_scene",
+    "sample_scene",
+    "scene_record",
+    "shape_mask",
+]

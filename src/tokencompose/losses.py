@@ -89,38 +89,31 @@ def _prepare(
     return index, valid, device
 
 
-def token_loss_at(
-    layers: Sequence[torch.Tensor], index: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def token_loss_at(cols: Sequence[torch.Tensor], valid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token loss of one resolution: summed over its layers, averaged over phrases -> ``[B]``.
 
+    ``cols``: each layer's phrase columns ``[B, H, N, P, T]`` (:func:`gather_phrase_columns`).
     Per layer and phrase: mean over the phrase's tokens of ``(1 - mean_h a_h(t))^2``.
     """
     tokens, phrase_valid, phrases = _phrase_counts(valid)
     m = mask.float()
     vt = valid.float()
     total = 0.0
-    for attn in layers:
-        cols = gather_phrase_columns(attn.float(), index)
-        term = _token_term(cols, m)  # [B, P, T]
+    for c in cols:
+        term = _token_term(c, m)  # [B, P, T]
         total = total + (term * vt).sum(-1) / tokens  # [B, P]
     return (total * phrase_valid).sum(-1) / phrases
 
 
-def pixel_loss_at(
-    layers: Sequence[torch.Tensor], index: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Pixel loss of one resolution -> ``[B]``.
+def pixel_loss_at(cols: Sequence[torch.Tensor], valid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pixel loss of one resolution -> ``[B]``; ``cols`` as in :func:`token_loss_at`.
 
     Average the maps over heads, then over layers; a phrase's map is the sum of its tokens' columns,
     scored by binary cross-entropy against the mask (mean over pixels, logs clamped at -100 as torch's
     ``BCELoss``), averaged over phrases.
     """
     _, phrase_valid, phrases = _phrase_counts(valid)
-    avg = 0.0
-    for attn in layers:
-        avg = avg + gather_phrase_columns(attn.float(), index).mean(1)  # [B, N, P, T]
-    avg = avg / len(layers)
+    avg = sum(c.mean(1) for c in cols) / len(cols)  # heads, then layers: [B, N, P, T]
     prob = (avg * valid.unsqueeze(1)).sum(-1)  # [B, N, P]
     # Rounding can push a sum of probabilities a hair above 1; BCE needs [0, 1].
     prob = prob.clamp(0.0, 1.0).transpose(1, 2)  # [B, P, N]
@@ -150,10 +143,12 @@ def grounding_losses(
     with torch.autocast(device_type=device.type, enabled=False):
         for size, layers in maps.items():
             mask = masks[size].to(device)
+            # Only the phrase columns matter: gather them once per layer for both terms.
+            cols = [gather_phrase_columns(a.float(), index) for a in layers]
             if token:
-                token_parts[size] = token_loss_at(layers, index, valid, mask)
+                token_parts[size] = token_loss_at(cols, valid, mask)
             if pixel:
-                pixel_parts[size] = pixel_loss_at(layers, index, valid, mask)
+                pixel_parts[size] = pixel_loss_at(cols, valid, mask)
     token_total = sum(token_parts.values(), zero)
     pixel_total = sum(pixel_parts.values(), zero)
     return GroundingLosses(token_total, pixel_total, token_parts, pixel_parts)

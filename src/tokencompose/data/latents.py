@@ -40,7 +40,9 @@ def vae_fingerprint(vae: Any) -> str:
     """Hash of the VAE's class, config and weights (weights hashed as stored, on CPU)."""
     h = hashlib.sha256(type(vae).__name__.encode())
     config = getattr(vae, "config", {})
-    h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    # Private keys (``_name_or_path``, ``_diffusers_version``, ...) change on save/load, not the model.
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
         t = tensor.detach().to("cpu").contiguous()

@@ -207,7 +207,7 @@ class GroundingDinoDetector(_HFDetector):
 
 
 class ShapesDetector:
-    """The shapes world's exact detector (``tokencompose.data.shapes.detect_shapes``): scores in {0, 1}-like."""
+    """The shapes world's exact detector (:func:`tokencompose.data.shapes_detect.detect_shapes`)."""
 
     name = "shapes"
     revision = None
@@ -215,16 +215,21 @@ class ShapesDetector:
     template = "{category}"
 
     def detect(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict[str, list]]:
-        import numpy as np
-
-        from tokencompose.data.shapes import detect_shapes
+        from tokencompose.data.shapes_detect import detect_shapes
 
         results = []
         for img, q in zip(images, queries, strict=True):
-            found = detect_shapes(np.asarray(img.convert("RGB")))
+            _, regions = detect_shapes(img, return_regions=True)
+            # One entry per region, as a box detector gives; scoring takes each category's best.
             wanted = set(q)
-            pairs = [(c, float(s)) for c, s in found.items() if c in wanted]
-            results.append({"classes": [c for c, _ in pairs], "scores": [s for _, s in pairs], "boxes": []})
+            keep = [r for r in regions if r["category"] in wanted]
+            results.append(
+                {
+                    "classes": [r["category"] for r in keep],
+                    "scores": [round(float(r["score"]), 6) for r in keep],
+                    "boxes": [[float(v) for v in r["box"]] for r in keep],
+                }
+            )
         return results
 
 

@@ -83,7 +83,7 @@ def categories(name: str) -> list[str]:
     if name == "shapes":
         from tokencompose.data import shapes
 
-        return list(shapes.CATEGORIES)
+        return shapes.categories()
     path = Path(name)
     if path.is_file():
         return _read_lines(path)

@@ -1,0 +1,174 @@
+"""Attention grounding: how well each phrase's cross-attention covers its mask -- what TokenCompose trains.
+
+For images with captions and phrase masks (the shapes world, any Source-A dataset): encode the image,
+noise its latent at chosen timesteps, run the UNet once per timestep while capturing cross-attention,
+aggregate each phrase's attention (mean over heads and layers of a resolution, sum over the phrase's
+tokens, bilinear upsampling to the evaluation size, mean over resolutions), normalise it to [0, 1] per
+phrase, and score it against the phrase mask: mean IoU over a threshold sweep and AUROC.
+
+The pure functions take tensors; :func:`evaluate_grounding` runs the model. Shapes: ``B`` batch,
+``P`` phrases, ``T`` tokens per phrase, ``H`` heads, ``N = h*w`` positions, ``L`` text tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Size = tuple[int, int]
+DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def phrase_maps(
+    maps: Mapping[Size, Sequence[torch.Tensor]],
+    token_index: torch.Tensor,
+    token_valid: torch.Tensor,
+    out_size: Size,
+) -> torch.Tensor:
+    """Per-phrase attention ``[B, P, h*w]`` at ``out_size``, min-max normalised to [0, 1] per phrase.
+
+    ``maps``: ``{(h, w): [Tensor[B, H, N, L], ...]}`` (one tensor per layer, as ``AttentionCapture.by_size``).
+    Heads and the layers of one resolution are averaged (as the paper's pixel loss does), a phrase takes
+    the sum of its tokens' columns, each resolution is upsampled bilinearly, resolutions count equally.
+    """
+    b, p, t = token_index.shape
+    total = None
+    for (h, w), layers in maps.items():
+        a = torch.stack([m.float().mean(dim=1) for m in layers]).mean(dim=0)  # [B, N, L]
+        idx = token_index.clamp(min=0).reshape(b, 1, p * t).expand(-1, a.shape[1], -1)
+        cols = torch.gather(a, 2, idx).reshape(b, -1, p, t) * token_valid[:, None].float()
+        phrase = cols.sum(dim=-1).permute(0, 2, 1).reshape(b * p, 1, h, w)  # [B*P, 1, h, w]
+        up = F.interpolate(phrase, size=out_size, mode="bilinear", align_corners=False)
+        total = up if total is None else total + up
+    if total is None:
+        raise ValueError("no attention maps given")
+    flat = (total / len(maps)).reshape(b, p, -1)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return (flat - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def iou_sweep(
+    scores: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> torch.Tensor:
+    """IoU of ``scores > thr`` with ``masks`` per threshold and phrase: ``[len(thresholds), M]`` over valid phrases.
+
+    ``scores`` ``[B, P, N]`` in [0, 1], ``masks`` bool ``[B, P, N]``, ``valid`` bool ``[B, P]``. An empty
+    prediction against a non-empty mask has IoU 0 (the union is never empty for a valid phrase).
+    """
+    s, m = scores[valid], masks[valid].bool()  # [M, N]
+    thr = torch.as_tensor(thresholds, dtype=s.dtype, device=s.device)[:, None, None]
+    pred = s[None] > thr  # [Tn, M, N]
+    inter = (pred & m[None]).sum(-1).float()
+    union = (pred | m[None]).sum(-1).float()
+    return inter / union.clamp(min=1)
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AUROC of each row: ``scores [M, N]`` against bool ``labels [M, N]`` -> ``[M]`` (NaN where a row is one class).
+
+    The Mann-Whitney statistic with average ranks for ties (equal to the area under the ROC curve).
+    """
+    s = scores.float()
+    y = labels.bool()
+    srt = s.sort(dim=-1).values
+    below = torch.searchsorted(srt, s, right=False).float()  # how many are < x
+    upto = torch.searchsorted(srt, s, right=True).float()  # how many are <= x
+    rank = (below + upto + 1) / 2  # 1-based average rank
+    n_pos = y.sum(-1).float()
+    n_neg = y.shape[-1] - n_pos
+    u = (rank * y).sum(-1) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)  # 0/0 -> NaN for one-class rows
+
+
+def valid_phrases(token_valid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Phrases that can be scored: ``[B, P]`` -- has tokens, mask neither empty nor everything."""
+    area = masks.sum(-1)
+    return token_valid.any(-1) & (area > 0) & (area < masks.shape[-1])
+
+
+def summarize(ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float]) -> dict[str, Any]:
+    """``ious [Tn, M]``, ``aucs [M]`` -> mean IoU per threshold, best, mean AUROC, phrase count."""
+    miou = ious.mean(dim=1) if ious.shape[1] else torch.full((len(thresholds),), float("nan"))
+    return {
+        "thresholds": list(thresholds),
+        "miou": [round(float(v), 6) for v in miou],
+        "best_miou": round(float(miou.max()), 6),
+        "best_threshold": float(thresholds[int(miou.argmax())]),
+        "auroc": round(float(aucs.nanmean()), 6),
+        "num_phrases": int(ious.shape[1]),
+    }
+
+
+@torch.inference_mode()
+def evaluate_grounding(
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    scheduler: Any,
+    loader: Any,
+    timesteps: Sequence[int] = (100, 300, 500),
+    layers: Sequence[str] = ("mid", "up"),
+    eval_size: Size | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Grounding scores of a UNet over ``loader`` batches (``TokenDataset`` + ``collate``).
+
+    The latent is the VAE posterior mean (deterministic); the noise of sample ``index`` at timestep ``t``
+    comes from a CPU generator seeded by ``(seed, index, t)``, so scores do not depend on batch size or
+    device. ``eval_size`` is the size of the batch's masks to score against (default: the largest).
+    Returns metrics per timestep and for the map averaged over timesteps (``"mean"``).
+    """
+    from tokencompose.attention import AttentionCapture
+
+    device, dtype = unet.device, unet.dtype
+    scale = getattr(vae.config, "scaling_factor", 0.18215)
+    keys = [str(t) for t in timesteps] + ["mean"]
+    ious: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    aucs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    images = 0
+    with AttentionCapture(unet, layers=layers) as cap:
+        for batch in loader:
+            size = eval_size or max(batch["masks"], key=lambda s: s[0] * s[1])
+            masks = batch["masks"][tuple(size)]
+            valid = valid_phrases(batch["token_valid"], masks)
+            pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.mean.float() * scale
+            emb = text_encoder(batch["input_ids"].to(device))[0].to(dtype)
+            per_t = []
+            for t in timesteps:
+                noise = torch.stack(
+                    [
+                        torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(_seed(seed, int(i), t)))
+                        for i in batch["index"]
+                    ]
+                ).to(device)
+                tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
+                noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
+                unet(noisy, tt, encoder_hidden_states=emb)
+                pm = phrase_maps(cap.by_size(), batch["token_index"].to(device), batch["token_valid"].to(device), size)
+                per_t.append(pm.cpu())
+            per_t.append(torch.stack(per_t).mean(dim=0))
+            for key, pm in zip(keys, per_t, strict=True):
+                # Renormalise the timestep mean (a mean of [0, 1] maps need not span [0, 1]).
+                lo, hi = pm.amin(-1, keepdim=True), pm.amax(-1, keepdim=True)
+                pm = (pm - lo) / (hi - lo).clamp(min=1e-12)
+                ious[key].append(iou_sweep(pm, masks, valid, thresholds))
+                aucs[key].append(auroc(pm[valid], masks[valid]))
+            images += latents.shape[0]
+    out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
+    for key in keys:
+        s = summarize(torch.cat(ious[key], dim=1), torch.cat(aucs[key]), thresholds)
+        if key == "mean":
+            out.update(s)
+        else:
+            out["per_timestep"][key] = s
+    return out
+
+
+def _seed(seed: int, index: int, t: int) -> int:
+    return (seed * 1_000_003 + index) * 1_009 + int(t)

@@ -1,0 +1,161 @@
+"""Results on disk: detections (JSON lines, crash-tolerant, shard-mergeable), results JSON, comparison tables.
+
+A results JSON records what produced the numbers (model, checkpoint, detector id and revision, threshold,
+seeds, sampler settings, package versions) next to the numbers, and names the detections file, so
+rescoring at another threshold reads detections only: no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DETECTIONS_GLOB = "detections*.jsonl"
+
+
+def detections_path(out_dir: str | Path, shard: int = 0, num_shards: int = 1) -> Path:
+    """One file per shard, so processes never write the same file."""
+    name = "detections.jsonl" if num_shards == 1 else f"detections-{shard:05d}-of-{num_shards:05d}.jsonl"
+    return Path(out_dir) / name
+
+
+def append_detections(path: str | Path, rows: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    """Append ``(key, detection)`` rows as JSON lines and flush them to disk (a crash keeps finished batches)."""
+    with open(path, "a", encoding="utf-8") as f:
+        for key, det in rows:
+            f.write(json.dumps({"key": key, **det}, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_detections(paths: Sequence[str | Path] | str | Path) -> dict[str, dict[str, Any]]:
+    """Merge detection files (a folder: every ``detections*.jsonl`` in it) into ``{key: detection}``.
+
+    A line cut short by a crash is skipped with a warning; a later line for the same key wins.
+    """
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        paths = sorted(p.glob(DETECTIONS_GLOB)) if p.is_dir() else [p]
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s:%d: unreadable line skipped (interrupted write?)", path, n)
+                    continue
+                out[row.pop("key")] = row
+    return out
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of what shapes the numbers (and the Python, the platform)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_description(device: Any = None) -> str:
+    """A human-readable device name (GPU model where there is one)."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    data.setdefault("_path", str(path))
+    return data
+
+
+def _label(result: Mapping[str, Any]) -> str:
+    if result.get("name"):
+        return str(result["name"])
+    model = result.get("model") or {}
+    return str(model.get("unet") or model.get("lora") or model.get("base") or result.get("_path", "?"))
+
+
+def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Side-by-side rows of several results files (MultiGen and/or grounding), as plain data."""
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"name": _label(r), "kind": r.get("kind"), "path": r.get("_path")}
+        if r.get("kind") == "multigen":
+            s = r["scores"]
+            row.update(
+                prompts=(r.get("prompts") or {}).get("name"),
+                detector=(r.get("detector") or {}).get("id"),
+                threshold=s["threshold"],
+                mg_percent=s["mg_percent"],
+                mg_std=s["mg_std"],
+                mg_ci95=s.get("mg_ci95"),
+            )
+        elif r.get("kind") == "grounding":
+            row.update(
+                miou=r["scores"]["miou"],
+                thresholds=r["scores"]["thresholds"],
+                best_miou=max(r["scores"]["miou"]),
+                auroc=r["scores"]["auroc"],
+                timesteps=r["scores"].get("timesteps"),
+            )
+        rows.append(row)
+    return {"rows": rows, "created": now_iso()}
+
+
+def markdown_table(table: Mapping[str, Any]) -> str:
+    """The comparison as markdown: one table for MultiGen rows (MG_k ± std), one for grounding rows."""
+    lines: list[str] = []
+    mg = [r for r in table["rows"] if r["kind"] == "multigen"]
+    if mg:
+        kmax = max(len(r["mg_percent"]) for r in mg)
+        ks = range(2, kmax + 1) if kmax > 1 else range(1, 2)  # the paper reports MG2..MG5
+        head = ["model", "prompts", "detector", "thr"] + [f"MG{k}" for k in ks]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in mg:
+            cells = [r["name"], str(r["prompts"]), str(r["detector"]), f"{r['threshold']:g}"]
+            for k in ks:
+                cells.append(
+                    f"{r['mg_percent'][k - 1]:.2f} ± {r['mg_std'][k - 1]:.2f}" if k <= len(r["mg_percent"]) else "-"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+    gr = [r for r in table["rows"] if r["kind"] == "grounding"]
+    if gr:
+        if lines:
+            lines.append("")
+        head = ["model", "best mIoU", "AUROC", "timesteps"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in gr:
+            lines.append(f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {r['timesteps']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,121 @@
+"""Attention-grounding metric: pure parts against brute force, and a tiny end-to-end run on the shapes world."""
+
+from __future__ import annotations
+
+from itertools import product
+
+import pytest
+import torch
+
+from tokencompose.evaluation.grounding import (
+    auroc,
+    evaluate_grounding,
+    iou_sweep,
+    phrase_maps,
+    summarize,
+    valid_phrases,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention (20x faster here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _auroc_brute(s: torch.Tensor, y: torch.Tensor) -> float:
+    pos, neg = s[y], s[~y]
+    wins = sum(float(a > b) + 0.5 * float(a == b) for a, b in product(pos.tolist(), neg.tolist()))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_with_ties() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (4, 30), generator=g).float() / 4  # many ties
+    labels = torch.rand(4, 30, generator=g) > 0.6
+    got = auroc(scores, labels)
+    for r in range(4):
+        assert got[r].item() == pytest.approx(_auroc_brute(scores[r], labels[r]))
+    assert torch.isnan(auroc(torch.rand(1, 5), torch.zeros(1, 5, dtype=torch.bool))).all()
+    assert auroc(torch.tensor([[0.1, 0.9]]), torch.tensor([[False, True]])).item() == 1.0
+
+
+def test_iou_sweep_by_hand() -> None:
+    scores = torch.tensor([[[0.9, 0.6, 0.2, 0.0]]])
+    masks = torch.tensor([[[True, True, False, False]]])
+    ious = iou_sweep(scores, masks, torch.tensor([[True]]), thresholds=[0.1, 0.5, 0.7, 0.95])
+    assert ious[:, 0].tolist() == pytest.approx([2 / 3, 1.0, 0.5, 0.0])
+
+
+def test_phrase_maps_recovers_masks_across_resolutions() -> None:
+    # Two phrases on a 4x4 grid: left half and top-right quadrant; token 1 -> phrase 0, tokens 3,4 -> phrase 1.
+    b, heads, length = 1, 2, 8
+    m0 = torch.zeros(4, 4, dtype=torch.bool)
+    m0[:, :2] = True
+    m1 = torch.zeros(4, 4, dtype=torch.bool)
+    m1[:2, 2:] = True
+
+    def layer(size: int) -> torch.Tensor:
+        a = torch.full((b, heads, size * size, length), 0.01)
+        up = lambda m: torch.nn.functional.interpolate(m[None, None].float(), size=(size, size)).flatten() > 0  # noqa: E731
+        a[0, :, up(m0), 1] = 0.9
+        a[0, :, up(m1), 3] = 0.5
+        a[0, :, up(m1), 4] = 0.4
+        return a
+
+    maps = {(4, 4): [layer(4), layer(4)], (8, 8): [layer(8)]}
+    token_index = torch.tensor([[[1, 0], [3, 4]]])
+    token_valid = torch.tensor([[[True, False], [True, True]]])
+    pm = phrase_maps(maps, token_index, token_valid, (4, 4))
+    assert pm.shape == (1, 2, 16) and pm.min() >= 0 and pm.max() <= 1
+    masks = torch.stack([m0.flatten(), m1.flatten()])[None]
+    ious = iou_sweep(pm, masks, torch.ones(1, 2, dtype=torch.bool), [0.5])
+    assert ious.min().item() == 1.0
+    assert auroc(pm[0], masks[0]).tolist() == [1.0, 1.0]
+    # The padded token (index 0, invalid) must not leak in: making column 0 huge changes nothing.
+    maps[(4, 4)][0][..., 0] = 50.0
+    assert torch.allclose(phrase_maps(maps, token_index, token_valid, (4, 4)), pm)
+
+
+def test_valid_phrases_and_summary() -> None:
+    masks = torch.tensor([[[True, False], [False, False], [True, True]]])
+    tv = torch.tensor([[[True], [True], [True]]])
+    assert valid_phrases(tv, masks).tolist() == [[True, False, False]]
+    s = summarize(torch.tensor([[0.2, 0.4], [0.6, 0.8]]), torch.tensor([0.5, float("nan")]), [0.3, 0.6])
+    assert s["miou"] == pytest.approx([0.3, 0.7]) and s["best_threshold"] == 0.6 and s["auroc"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def shapes_loader_parts(tmp_path_factory: pytest.TempPathFactory):
+    from tokencompose.data.dataset import TokenDataset
+    from tokencompose.data.shapes import make_shapes_dataset
+    from tokencompose.models import tiny_components
+
+    root = tmp_path_factory.mktemp("shapes")
+    jsonl = make_shapes_dataset(root, num=3, seed=0, size=64)
+    comps = tiny_components(seed=0)
+    ds = TokenDataset(jsonl, comps.tokenizer, image_size=64, attention_sizes=[(64, 64)])
+    return comps, ds
+
+
+def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
+    from torch.utils.data import DataLoader
+
+    from tokencompose.data.dataset import collate
+
+    comps, ds = shapes_loader_parts
+    kw = dict(timesteps=(100, 500), layers=("mid", "up"), seed=0)
+    r2 = evaluate_grounding(
+        comps.unet, comps.vae, comps.text_encoder, comps.scheduler, DataLoader(ds, 2, collate_fn=collate), **kw
+    )
+    r1 = evaluate_grounding(
+        comps.unet, comps.vae, comps.text_encoder, comps.scheduler, DataLoader(ds, 1, collate_fn=collate), **kw
+    )
+    assert r2["num_images"] == 3 and r2["num_phrases"] > 0
+    assert set(r2["per_timestep"]) == {"100", "500"}
+    assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0
+    # Per-sample seeded noise: the batch size does not change the scores.
+    assert r1["miou"] == pytest.approx(r2["miou"], abs=1e-5) and r1["auroc"] == pytest.approx(r2["auroc"], abs=1e-5)

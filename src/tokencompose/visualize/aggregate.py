@@ -1,0 +1,197 @@
+"""Per-word attention maps from captured cross-attention (pure: tensors in, tensors out).
+
+Reduction order, as for the paper's figures: mean over heads, mean over the layers of one
+resolution, accumulate over denoising timesteps (mean), then upsample each chosen resolution
+bilinearly to a common size and average the resolutions (each resolution weighs the same however
+many layers it has). Sub-tokens of a word are merged (mean or sum) after that.
+
+Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens, ``W`` words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Size = tuple[int, int]
+
+START, END = "<start>", "<end>"
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of a prompt and the text-token positions it occupies (start token = 0)."""
+
+    text: str
+    positions: tuple[int, ...]
+
+
+def prompt_words(
+    tokenizer: Any,
+    prompt: str,
+    special: bool = False,
+    punctuation: bool = False,
+    max_length: int | None = None,
+) -> list[Word]:
+    """Split ``prompt`` into words, each with the positions of its sub-tokens.
+
+    CLIP's BPE marks the last sub-token of every word with ``</w>``, so sub-tokens are grouped up to
+    that mark (``"tokencompose"`` -> ``token`` + ``compose</w>`` -> one word). Tokenizers without the
+    mark get one word per token. Words past the text window are cut; punctuation-only words are dropped
+    unless ``punctuation``; ``special`` adds the start and end tokens as words ``<start>``/``<end>``.
+    """
+    if max_length is None:
+        max_length = int(getattr(tokenizer, "model_max_length", 77))
+    ids = list(tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"])
+    ids = ids[: max_length - 2]  # the window holds start + tokens + end
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    marked = any(t.endswith("</w>") for t in tokens)
+    words: list[Word] = []
+    pieces: list[str] = []
+    positions: list[int] = []
+    for i, tok in enumerate(tokens):
+        pieces.append(tok.removesuffix("</w>") if marked else tokenizer.convert_tokens_to_string([tok]).strip())
+        positions.append(i + 1)
+        if not marked or tok.endswith("</w>") or i == len(tokens) - 1:
+            words.append(Word("".join(pieces), tuple(positions)))
+            pieces, positions = [], []
+    if not punctuation:
+        words = [w for w in words if any(ch.isalnum() for ch in w.text)]
+    if special:
+        words = [Word(START, (0,)), *words, Word(END, (len(ids) + 1,))]
+    return words
+
+
+def phrase_words(tokenizer: Any, prompt: str, phrases: Sequence[str]) -> list[Word]:
+    """Words for chosen phrases of ``prompt`` (first occurrence, the training rule); unknown ones skipped."""
+    from tokencompose.tokens import phrase_token_positions
+
+    out = []
+    for phrase in phrases:
+        pos = phrase_token_positions(tokenizer, prompt, phrase)
+        if pos is not None:
+            out.append(Word(phrase, tuple(pos)))
+    return out
+
+
+def layer_mean(maps: Sequence[torch.Tensor], size: Size) -> torch.Tensor:
+    """Maps of one resolution, ``[B, H, N, L]`` each -> mean over heads and layers, ``[B, L, h, w]`` float32."""
+    if not maps:
+        raise ValueError("no attention maps to aggregate")
+    h, w = size
+    mean = torch.stack([m.detach().float().mean(1) for m in maps]).mean(0)  # [B, N, L]
+    return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], h, w)
+
+
+class TimestepAccumulator:
+    """Running mean over denoising steps of head- and layer-averaged maps, per resolution.
+
+    Keeps ``[B, L, h, w]`` per resolution (not every layer of every step), so memory is flat in the
+    number of steps. ``sizes`` restricts which resolutions are kept (None = all).
+    """
+
+    def __init__(self, sizes: Iterable[Size] | None = None) -> None:
+        self.sizes = None if sizes is None else {tuple(s) for s in sizes}
+        self.sums: dict[Size, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, by_size: Mapping[Size, Sequence[torch.Tensor]]) -> None:
+        """One step's ``{(h, w): [Tensor[B, H, N, L], ...]}`` (``AttentionCapture.by_size()``)."""
+        added = False
+        for size, maps in by_size.items():
+            size = (int(size[0]), int(size[1]))
+            if self.sizes is not None and size not in self.sizes:
+                continue
+            m = layer_mean(maps, size).cpu()
+            self.sums[size] = self.sums[size] + m if size in self.sums else m
+            added = True
+        if added:
+            self.count += 1
+
+    def mean(self) -> dict[Size, torch.Tensor]:
+        """``{(h, w): [B, L, h, w]}`` averaged over the steps added."""
+        if self.count == 0:
+            raise ValueError("no attention was captured: check the timestep range and the resolution set")
+        return {s: v / self.count for s, v in sorted(self.sums.items())}
+
+
+def combine_resolutions(per_size: Mapping[Size, torch.Tensor], size: Size | None = None) -> torch.Tensor:
+    """``{(h, w): [B, L, h, w]}`` -> ``[B, L, *size]``: bilinear upsampling, then mean over resolutions.
+
+    ``size`` defaults to the largest resolution present.
+    """
+    if not per_size:
+        raise ValueError("no resolutions to combine")
+    if size is None:
+        size = max(per_size, key=lambda s: s[0] * s[1])
+    ups = [upsample(m, size) for m in per_size.values()]
+    return torch.stack(ups).mean(0)
+
+
+def upsample(maps: torch.Tensor, size: Size) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, C, *size]`` bilinear (align_corners=False); identity at the same size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def word_maps(token_maps: torch.Tensor, words: Sequence[Word | Sequence[int]], merge: str = "mean") -> torch.Tensor:
+    """Token maps ``[B, L, h, w]`` -> word maps ``[B, W, h, w]``, merging each word's sub-tokens.
+
+    ``merge="mean"`` averages sub-tokens (comparable across words of different lengths); ``"sum"``
+    adds them, the probability mass the pixel loss scores.
+    """
+    if merge not in ("mean", "sum"):
+        raise ValueError(f"merge must be 'mean' or 'sum', got {merge!r}")
+    out = []
+    for w in words:
+        pos = list(w.positions if isinstance(w, Word) else w)
+        sel = token_maps[:, pos]
+        out.append(sel.mean(1) if merge == "mean" else sel.sum(1))
+    if not out:
+        return token_maps.new_zeros(token_maps.shape[0], 0, *token_maps.shape[-2:])
+    return torch.stack(out, 1)
+
+
+def phrase_maps(token_maps: torch.Tensor, token_index: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
+    """Batched phrase maps: ``[B, L, h, w]`` with ``token_index``/``token_valid [B, P, T]`` -> ``[B, P, h, w]``.
+
+    The mean over each phrase's valid tokens (zero for padded phrases), without loops over samples.
+    """
+    b, p, t = token_index.shape
+    flat = token_index.reshape(b, p * t)
+    gathered = torch.gather(token_maps, 1, flat[:, :, None, None].expand(-1, -1, *token_maps.shape[-2:]))
+    gathered = gathered.reshape(b, p, t, *token_maps.shape[-2:])
+    valid = token_valid.to(gathered.dtype)[..., None, None]
+    return (gathered * valid).sum(2) / valid.sum(2).clamp_min(1)
+
+
+def normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max scale each map ``[..., h, w]`` to [0, 1] independently (a constant map becomes 0)."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(eps)
+
+
+def mass_in_mask(maps: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Share of each map's attention that falls inside its mask: ``Σ A·M / Σ A`` over ``[..., h, w]``.
+
+    The quantity the token loss drives to 1 (``a(t)`` in the paper), a number to print under a figure.
+    """
+    m = masks.to(maps.dtype)
+    return (maps * m).sum(dim=(-2, -1)) / maps.sum(dim=(-2, -1)).clamp_min(eps)
+
+
+def select_sizes(available: Iterable[Size], resolutions: Sequence[int] | None) -> list[Size]:
+    """Sizes whose height is in ``resolutions`` (None or empty = all); raises if none matches."""
+    available = sorted({(int(h), int(w)) for h, w in available})
+    if not resolutions:
+        return available
+    chosen = [s for s in available if s[0] in set(resolutions)]
+    if not chosen:
+        raise ValueError(f"no attention resolution in {list(resolutions)}; available: {[s[0] for s in available]}")
+    return chosen

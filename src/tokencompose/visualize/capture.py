@@ -1,0 +1,221 @@
+"""Run a model and collect what the figures show: generated images, attention over steps or noise levels.
+
+Three entry points, all deterministic for given seeds:
+
+- :func:`generate_with_attention`: text -> image with the diffusers pipeline, capturing cross-attention
+  after every denoising step whose timestep lies in a range (the conditional half of the CFG batch);
+- :func:`image_attention`: an existing image + caption, noised to fixed noise levels with a fixed seed,
+  one UNet forward each (what the mask comparisons use, so every model sees the same noisy latents);
+- :func:`generate_images`: plain generation for grids.
+
+Shapes: ``B`` batch, ``L`` text tokens; per-resolution maps are ``{(h, w): [B, L, h, w]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokencompose.visualize.aggregate import Size, TimestepAccumulator
+
+log = logging.getLogger(__name__)
+
+_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``"LABEL=PATH"`` or ``"PATH"`` -> ``(label, path)``; the label defaults to the folder name."""
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        return label, path
+    p = Path(spec)
+    return (p.name or str(p)), spec
+
+
+def load_model(path: str | Path, base: str | Path | None = None) -> Any:
+    """A full diffusers folder, or a UNet-only checkpoint (``unet/`` or a UNet ``config.json``) on ``base``."""
+    from tokencompose.models import load_components
+
+    p = Path(path)
+    if p.is_dir() and all((p / s).is_dir() for s in _PARTS):
+        return load_components(p)
+    if p.is_dir() and ((p / "unet").is_dir() or (p / "config.json").is_file()):
+        if base is None:
+            raise ValueError(f"{p} holds only a UNet: pass --base with the model it was fine-tuned from")
+        return load_components(base, unet=p)
+    return load_components(path)  # a hub id, when the user has network
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_image_size(comps: Any) -> int:
+    """The model's native image size: UNet sample size times the VAE factor (512 for SD 1.x)."""
+    return int(comps.unet.config.sample_size) * comps.vae_scale_factor
+
+
+def build_pipeline(comps: Any, device: torch.device | str = "cpu", scheduler: str = "ddim") -> Any:
+    """A ``StableDiffusionPipeline`` over the components, with a deterministic sampler by default."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+    )
+
+    classes = {
+        "ddim": DDIMScheduler,
+        "ddpm": DDPMScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+    }
+    if scheduler not in classes:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(classes)}")
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=classes[scheduler].from_config(comps.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    # Generators on the CPU make the initial noise identical on every device.
+    del device
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def generate_with_attention(
+    comps: Any,
+    prompt: str,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    size: int | None = None,
+    layers: Sequence[str] = ("mid", "up"),
+    sizes: Sequence[Size] | None = None,
+    t_range: tuple[float, float] | None = None,
+    device: torch.device | str = "cpu",
+    scheduler: str = "ddim",
+) -> tuple[np.ndarray, dict[Size, torch.Tensor], list[int]]:
+    """Generate one image and average its cross-attention over the steps with timestep in ``t_range``.
+
+    Returns ``(image uint8 [S, S, 3], {(h, w): [1, L, h, w]}, timesteps used)``. ``t_range`` is
+    inclusive, in the scheduler's timestep units (0..1000 for SD); None keeps every step.
+    """
+    from tokencompose.attention import AttentionCapture
+
+    size = size or default_image_size(comps)
+    pipe = build_pipeline(comps, device, scheduler)
+    cfg = guidance > 1.0  # diffusers runs the [uncond; cond] batch only then
+    acc = TimestepAccumulator(sizes)
+    used: list[int] = []
+    with AttentionCapture(comps.unet, layers=layers, keep_cond_only=cfg) as cap:
+
+        def on_step(_pipe: Any, _i: int, t: Any, kwargs: dict) -> dict:
+            t = int(t)
+            if t_range is None or t_range[0] <= t <= t_range[1]:
+                acc.add(cap.by_size())
+                used.append(t)
+            return kwargs
+
+        out = pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=_generators([seed], device),
+            callback_on_step_end=on_step,
+            output_type="np",
+        )
+    image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+    return image, acc.mean(), used
+
+
+@torch.no_grad()
+def generate_images(
+    comps: Any,
+    prompt: str,
+    seeds: Sequence[int],
+    steps: int = 50,
+    guidance: float = 7.5,
+    size: int | None = None,
+    device: torch.device | str = "cpu",
+    scheduler: str = "ddim",
+    pipe: Any = None,
+) -> list[np.ndarray]:
+    """One image per seed for ``prompt``: uint8 ``[S, S, 3]`` each, identical for a seed across runs."""
+    size = size or default_image_size(comps)
+    pipe = pipe or build_pipeline(comps, device, scheduler)
+    out = pipe(
+        prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=len(seeds),
+        generator=_generators(seeds, device),
+        output_type="np",
+    )
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out.images]
+
+
+@torch.no_grad()
+def image_attention(
+    comps: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    noise_levels: Sequence[int] = (400,),
+    seed: int = 0,
+    layers: Sequence[str] = ("mid", "up"),
+    sizes: Sequence[Size] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[Size, torch.Tensor]:
+    """Attention of a model on real images: ``pixel_values [B, 3, S, S]`` in [-1, 1], ``input_ids [B, L]``.
+
+    Latents are the VAE posterior means, noised with ``randn(seed)`` at each noise level (same noise
+    for every model, so models are compared on identical inputs). Returns ``{(h, w): [B, L, h, w]}``
+    averaged over the noise levels.
+    """
+    from tokencompose.attention import AttentionCapture
+
+    unet, vae, text_encoder = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
+    dtype = next(unet.parameters()).dtype
+    px = pixel_values.to(device, vae.dtype)
+    latents = vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
+    text = text_encoder(input_ids.to(device))[0].to(dtype)
+    acc = TimestepAccumulator(sizes)
+    with AttentionCapture(unet, layers=layers) as cap:
+        for level in noise_levels:
+            t = torch.full((latents.shape[0],), int(level), device=device, dtype=torch.long)
+            noisy = comps.scheduler.add_noise(latents, noise, t)
+            unet(noisy.to(dtype), t, text)
+            acc.add(cap.by_size())
+    return acc.mean()
+
+
+def to_uint8_image(pixel_values: torch.Tensor) -> np.ndarray:
+    """``[3, S, S]`` in [-1, 1] -> uint8 ``[S, S, 3]``."""
+    x = ((pixel_values.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.permute(1, 2, 0).to(torch.uint8).numpy()

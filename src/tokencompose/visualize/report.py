@@ -1,0 +1,325 @@
+"""One self-contained HTML report from run folders, results files and figure folders.
+
+Inputs are files or folders, searched a few levels deep: ``config.yaml`` (config summary),
+``metrics.jsonl`` (loss curves, drawn by the trainer's figure), results JSON with ``"kind"`` of
+``multigen`` or ``grounding`` (tables with ± and 95% CIs), and figure folders (``figures.json``
+manifests written by ``tokencompose visualize``; loose ``attention_*``/``masks_*``/``grid*``/
+``loss_curves`` PNGs too). Images are embedded as base64 data URIs and the CSS is inline, so the page
+needs no network and can be mailed as one file. Anything missing is omitted with a note; nothing here
+raises on a malformed input file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FIGURE_KINDS = ("curves", "attention", "masks", "grid")
+_PREFIX = {"loss_curves": "curves", "attention_": "attention", "masks_": "masks", "grid": "grid"}
+_SKIP_DIRS = ("checkpoint", "images", "samples", "latents", "tensorboard", "logs", "__pycache__")
+MAX_DEPTH = 3
+
+
+@dataclass
+class Collected:
+    """What the inputs hold, in the order found."""
+
+    configs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    metrics: list[tuple[str, Path]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[tuple[str, Path, str]] = field(default_factory=list)  # (kind, png, title)
+    notes: list[str] = field(default_factory=list)
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Files under ``root`` up to ``MAX_DEPTH`` levels, skipping checkpoints and bulk image folders."""
+    base = len(root.parts)
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).parts) - base
+        dirs[:] = sorted(
+            d for d in dirs if depth < MAX_DEPTH and not d.startswith(".") and not d.lower().startswith(_SKIP_DIRS)
+        )
+        for f in sorted(files):
+            yield Path(folder) / f
+
+
+def _run_name(path: Path) -> str:
+    return path.parent.name or str(path.parent)
+
+
+def collect(inputs: Sequence[str | Path]) -> Collected:
+    """Find configs, metrics, results and figures in ``inputs`` (files or folders)."""
+    got = Collected()
+    seen: set[Path] = set()
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            got.notes.append(f"input {p} does not exist")
+            continue
+        files = [p] if p.is_file() else list(_walk(p))
+        manifests = [f for f in files if f.name == "figures.json"]
+        for m in manifests:
+            _add_manifest(m, got, seen)
+        for f in files:
+            if f.resolve() in seen:
+                continue
+            if f.name in ("config.yaml", "config.yml"):
+                _add_config(f, got)
+            elif f.name == "metrics.jsonl":
+                got.metrics.append((_run_name(f), f))
+            elif f.suffix == ".json" and f.name != "figures.json":
+                _add_result(f, got)
+            elif f.suffix == ".png":
+                kind = next((k for pre, k in _PREFIX.items() if f.name.startswith(pre)), None)
+                if kind:
+                    got.figures.append((kind, f, f.stem))
+                    seen.add(f.resolve())
+    return got
+
+
+def _add_manifest(path: Path, got: Collected, seen: set[Path]) -> None:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        got.notes.append(f"{path}: unreadable figure manifest ({err})")
+        return
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict) or "file" not in e:
+            continue
+        png = path.parent / str(e["file"])
+        if png.is_file() and png.resolve() not in seen:
+            seen.add(png.resolve())
+            got.figures.append((str(e.get("kind", "attention")), png, str(e.get("title", png.stem))))
+
+
+def _add_config(path: Path, got: Collected) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        got.notes.append(f"{path}: unreadable config ({err})")
+        return
+    if isinstance(data, dict):
+        got.configs.append((_run_name(path), data))
+
+
+def _add_result(path: Path, got: Collected) -> None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # not every JSON next to a run is a result (generation.json, shapes.json, ...)
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind in ("multigen", "grounding") and isinstance(data.get("scores"), dict):
+        data.setdefault("_path", str(path))
+        got.results.append(data)
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#1d1d1f;background:#fff}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #e5e5ea;padding-bottom:.2rem;margin-top:2.2rem}
+h3{font-size:1rem;margin:1.2rem 0 .4rem}.meta{color:#6e6e73;font-size:.85rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{border:1px solid #d2d2d7;padding:.25rem .5rem;
+text-align:left;vertical-align:top}th{background:#f5f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ci{color:#6e6e73;font-size:.75rem;display:block}figure{margin:1rem 0}figure img{max-width:100%;height:auto;
+border:1px solid #e5e5ea}figcaption{font-size:.85rem;color:#3a3a3c}.note{background:#fff8e1;border-left:4px solid
+#f5c518;padding:.4rem .8rem;font-size:.85rem;margin:.4rem 0}nav a{margin-right:1rem}code{font-size:.8rem}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure_html(path: Path, caption: str) -> str:
+    img = f'<img alt="{_e(caption)}" src="{png_data_uri(path)}">'
+    return f"<figure>{img}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": value}`` (the dotted names the CLI takes)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_section(configs: list[tuple[str, dict[str, Any]]]) -> str:
+    parts = []
+    for name, cfg in configs:
+        rows = "".join(
+            f"<tr><td><code>{_e(k)}</code></td><td>{_e(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+            for k, v in flatten(cfg).items()
+        )
+        parts.append(f"<h3>{_e(name)}</h3><details open><summary>config.yaml</summary><table>{rows}</table></details>")
+    return "".join(parts)
+
+
+def _label(result: Mapping[str, Any]) -> str:
+    if result.get("name"):
+        return str(result["name"])
+    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
+    return str(model.get("unet") or model.get("lora") or model.get("base") or Path(result.get("_path", "?")).stem)
+
+
+def _num(v: Any, fmt: str = "{:.2f}") -> str:
+    try:
+        return fmt.format(float(v))
+    except (TypeError, ValueError):
+        return "–"
+
+
+def _multigen_section(results: list[dict[str, Any]]) -> str:
+    kmax = max(len(r["scores"].get("mg_percent") or []) for r in results)
+    head = ["model", "prompts", "detector", "threshold", "images / prompt"] + [f"MG{k}" for k in range(1, kmax + 1)]
+    rows = []
+    for r in results:
+        s = r["scores"]
+        pct, std, ci = s.get("mg_percent") or [], s.get("mg_std") or [], s.get("mg_ci95") or []
+        prompts = r.get("prompts", {}).get("name") if isinstance(r.get("prompts"), Mapping) else r.get("prompts")
+        det = r.get("detector", {}).get("id") if isinstance(r.get("detector"), Mapping) else r.get("detector")
+        cells = [f"<td>{_e(_label(r))}</td>", f"<td>{_e(prompts or '–')}</td>", f"<td>{_e(det or '–')}</td>"]
+        cells += [f'<td class="num">{_num(s.get("threshold"), "{:g}")}</td>']
+        cells += [f'<td class="num">{_e(s.get("images_per_prompt", "–"))}</td>']
+        for k in range(kmax):
+            if k >= len(pct):
+                cells.append("<td>–</td>")
+                continue
+            text = _num(pct[k]) + (f" ± {_num(std[k])}" if k < len(std) else "")
+            if k < len(ci) and isinstance(ci[k], Sequence) and len(ci[k]) == 2:
+                text += f'<span class="ci">95% CI [{_num(ci[k][0])}, {_num(ci[k][1])}]</span>'
+            cells.append(f'<td class="num">{text}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    note = (
+        '<p class="meta">MG<sub>k</sub>: percent of images with at least k of the prompt\'s categories detected; '
+        "± is the standard deviation over image-index subsets (as the paper); CI: bootstrap over prompts.</p>"
+    )
+    return f"{note}<table><tr>{th}</tr>{''.join(rows)}</table>"
+
+
+def _grounding_section(results: list[dict[str, Any]]) -> str:
+    head = ["model", "best mIoU", "at threshold", "AUROC", "phrases", "timesteps", "mIoU per threshold"]
+    rows = []
+    for r in results:
+        s = r["scores"]
+        miou = [float(x) for x in (s.get("miou") or []) if isinstance(x, int | float)]
+        thr = s.get("thresholds") or []
+        best = max(range(len(miou)), key=miou.__getitem__) if miou else None
+        sweep = ", ".join(f"{_num(t, '{:g}')}: {_num(m, '{:.3f}')}" for t, m in zip(thr, miou, strict=False))
+        rows.append(
+            f"<tr><td>{_e(_label(r))}</td>"
+            f'<td class="num">{_num(miou[best], "{:.4f}") if best is not None else "–"}</td>'
+            f'<td class="num">{_num(thr[best], "{:g}") if best is not None and best < len(thr) else "–"}</td>'
+            f'<td class="num">{_num(s.get("auroc"), "{:.4f}")}</td><td class="num">{_e(s.get("num_phrases", "–"))}</td>'
+            f"<td>{_e(s.get('timesteps', '–'))}</td>"
+            f'<td class="meta">{_e(sweep)}</td></tr>'
+        )
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
+
+
+def _curves_section(metrics: list[tuple[str, Path]], figures: list[tuple[str, Path, str]], notes: list[str]) -> str:
+    # A run's own loss_curves.png is redrawn from its metrics (fresher for a run in progress): skip it.
+    redrawn = {path.parent.resolve() for _, path in metrics}
+    parts = [_figure_html(p, t) for _, p, t in figures if p.parent.resolve() not in redrawn]
+    if not metrics:
+        return "".join(parts)
+    try:
+        from tokencompose.visualize.make import loss_curves
+    except ImportError as err:  # the trainer's figure module is missing
+        notes.append(f"loss curves not drawn: {err}")
+        return "".join(parts)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, path) in enumerate(metrics):
+            try:
+                png = loss_curves(path, Path(tmp) / str(i))
+            except Exception as err:  # a broken metrics file must not sink the whole report
+                notes.append(f"{path}: loss curves not drawn ({err})")
+                continue
+            parts.append(_figure_html(png, f"loss curves of {name}"))
+    return "".join(parts)
+
+
+SECTIONS = (
+    ("config", "Configuration"),
+    ("curves", "Loss curves"),
+    ("multigen", "MultiGen"),
+    ("grounding", "Attention grounding (IoU)"),
+    ("attention", "Attention maps"),
+    ("masks", "Masks vs attention"),
+    ("grid", "Image grids"),
+)
+
+
+def render(got: Collected, title: str = "TokenCompose report") -> str:
+    """The HTML page for what :func:`collect` found."""
+    notes = list(got.notes)
+    by_kind = {k: [f for f in got.figures if f[0] == k] for k in FIGURE_KINDS}
+    other = [f for f in got.figures if f[0] not in FIGURE_KINDS]
+    by_kind["attention"] += other
+    bodies = {
+        "config": _config_section(got.configs) if got.configs else "",
+        "curves": _curves_section(got.metrics, by_kind["curves"], notes),
+        "multigen": _multigen_section(mg) if (mg := [r for r in got.results if r["kind"] == "multigen"]) else "",
+        "grounding": _grounding_section(gr) if (gr := [r for r in got.results if r["kind"] == "grounding"]) else "",
+    }
+    for kind in ("attention", "masks", "grid"):
+        bodies[kind] = "".join(_figure_html(p, t) for _, p, t in by_kind[kind])
+    missing = {
+        "config": "no config.yaml found",
+        "curves": "no metrics.jsonl or loss-curve figure found",
+        "multigen": "no MultiGen results file (kind: multigen) found",
+        "grounding": "no grounding results file (kind: grounding) found",
+        "attention": "no attention figures found (tokencompose visualize attention)",
+        "masks": "no mask comparisons found (tokencompose visualize masks)",
+        "grid": "no image grids found (tokencompose visualize grid)",
+    }
+    present = [(key, name) for key, name in SECTIONS if bodies[key]]
+    nav = " ".join(f'<a href="#{key}">{_e(name)}</a>' for key, name in present)
+    sections = "".join(f'<section id="{key}"><h2>{_e(name)}</h2>{bodies[key]}</section>' for key, name in present)
+    omitted = [f"{name}: {missing[key]}" for key, name in SECTIONS if not bodies[key]]
+    note_html = "".join(f'<div class="note">{_e(n)}</div>' for n in [*(f"Omitted — {o}" for o in omitted), *notes])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f'<h1>{_e(title)}</h1><p class="meta">generated {stamp} by tokencompose</p><nav>{nav}</nav>'
+        f'{sections}<section id="notes">{note_html}</section></body></html>\n'
+    )
+
+
+def build_report(inputs: Sequence[str | Path], out: str | Path, title: str = "TokenCompose report") -> Path:
+    """Collect ``inputs`` and write the page to ``out``; returns its path."""
+    got = collect(inputs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(got, title), encoding="utf-8")
+    log.info(
+        "report %s: %d configs, %d runs with metrics, %d results, %d figures",
+        out, len(got.configs), len(got.metrics), len(got.results), len(got.figures),
+    )  # fmt: skip
+    return out

@@ -89,13 +89,13 @@ def multigen_result(
     threshold: float = 0.1,
     bootstrap: int = 1000,
     bootstrap_seed: int = 0,
-    **provenance: Any,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results record: scores plus provenance (``model``, ``prompts``, ``generation``, ``detector``, ...)."""
+    """The results record: scores plus ``provenance`` (``model``, ``prompts``, ``generation``, ``detector``, ...)."""
     scores = score_multigen(detections, prompts, images_per_prompt, threshold, bootstrap, bootstrap_seed)
     return {
         "kind": "multigen",
-        **provenance,
+        **(provenance or {}),
         "threshold": threshold,
         "scores": scores,
         "environment": package_versions(),

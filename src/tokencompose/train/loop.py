@@ -1,0 +1,339 @@
+"""The training loop on Accelerate: resume, accumulate, clip, skip non-finite steps, log, checkpoint.
+
+Host syncs: one boolean per optimizer step (is the step finite? -- needed to skip it before it
+touches the weights; fp16's loss scaler needs the same sync anyway) and one packed tensor per log
+row. Everything else stays on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokencompose.config import Config, validate
+from tokencompose.train import setup
+from tokencompose.train.checkpoint import Checkpointer, TrainState, all_finite, latest_checkpoint
+from tokencompose.train.data import batch_stream, build_loader, to_device
+from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
+from tokencompose.train.runinfo import write_config, write_manifest
+from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or gradient under ``nan_policy: stop`` (or too many skipped steps)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # the final checkpoint folder
+    step: int
+    nan_skips: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the last log row
+
+
+def _export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path) -> None:
+    """Diffusers-format weights into ``folder`` (called on every process; the main one writes)."""
+    from safetensors.torch import save_file
+
+    from tokencompose.train.lora import save_lora
+
+    model = accelerator.unwrap_model(unet)
+    state = accelerator.get_state_dict(unet)  # gathers sharded (FSDP / ZeRO-3) weights; collective
+    if not accelerator.is_main_process:
+        return
+    if not all_finite(list(state.values())):
+        raise NonFiniteLossError("refusing to write a checkpoint: the UNet weights contain NaN or inf")
+    if lora:
+        save_lora(model, folder, state_dict=state)
+    else:
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        model.save_config(folder / "unet")
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(weights, str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if ema is not None:
+        ema.save_pretrained(model, folder / "unet_ema")
+
+
+def _restore_weights(model: Any, lora: bool, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tokencompose.train.lora import load_lora_state
+
+    if lora:
+        load_lora_state(model, folder)
+    else:
+        model.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+
+
+def _seed_everything(cfg: Config) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+
+
+def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
+    """Train (or resume, when ``cfg.run_dir`` holds checkpoints) and return where the result is."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    precision = setup.resolve_precision(cfg.train.precision, PartialState().device)
+    accelerator = Accelerator(
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        project_dir=str(run_dir),
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["gradient_clipping"] = cfg.optim.max_grad_norm
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup.ensure_shapes_data(cfg)
+    accelerator.wait_for_everyone()
+    _seed_everything(cfg)
+
+    # --- models, data, optimizer -----------------------------------------------------------------
+    comps = setup.load_models(cfg)
+    device = accelerator.device
+    params = setup.prepare_models(comps, cfg, device, precision)
+    lora = cfg.train.lora.rank > 0
+    sizes = setup.attention_sizes(comps.unet, comps.vae_scale_factor, cfg.data.image_size)
+    dataset, collate = setup.build_dataset(cfg, comps.tokenizer, sizes)
+    loader, sampler = build_loader(
+        dataset,
+        collate,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        cfg.data.shuffle,
+        cfg.data.num_workers,
+        accelerator.num_processes,
+        accelerator.process_index,
+        pin_memory=device.type == "cuda",
+    )
+    terms = tuple(t.to(device) for t in extra_terms if t.weight != 0)
+    term_params = [p for t in terms for p in t.parameters() if p.requires_grad]
+    optimizer = setup.build_optimizer(params + term_params, cfg.optim)
+    unet, optimizer, *prepared_terms = accelerator.prepare(comps.unet, optimizer, *terms)
+    terms = tuple(prepared_terms)
+    trainable = [p for p in unet.parameters() if p.requires_grad] + term_params
+
+    ema = None
+    if cfg.train.ema.enabled:
+        from tokencompose.train.ema import EMA
+
+        ema = EMA(accelerator.unwrap_model(unet), cfg.train.ema.decay)
+    noise = NoiseSource(cfg.train.seed, device, accelerator.num_processes, accelerator.process_index)
+    state = TrainState(noise, cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes)
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    ckpt = Checkpointer(
+        accelerator,
+        run_dir / "checkpoints",
+        cfg.checkpoint.keep_last,
+        accelerator.unwrap_model(unet),
+        export=lambda folder: _export_weights(accelerator, unet, ema, lora, folder),
+        restore=lambda folder: _restore_weights(accelerator.unwrap_model(unet), lora, folder),
+    )
+
+    # --- resume ------------------------------------------------------------------------------------
+    ckpt.clean_partial()
+    resumed = latest_checkpoint(run_dir / "checkpoints")
+    if resumed is not None:
+        ckpt.load(resumed)
+        log.info("resumed from %s at step %d", resumed, state.step)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    if main:
+        for change in write_config(run_dir, cfg):
+            log.warning("config differs from the run's previous config: %s", change)
+        write_manifest(
+            run_dir,
+            cfg,
+            {
+                "device": str(device),
+                "precision": {"requested": cfg.train.precision, "used": precision},
+                "num_processes": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type),
+                "effective_batch": global_batch,
+                "trainable_parameters": sum(p.numel() for p in trainable),
+                "resumed_from": str(resumed) if resumed else None,
+                "resumed_step": state.step,
+            },
+        )
+        log.info(
+            "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
+            "LoRA" if lora else "the full UNet",
+            cfg.model.path,
+            cfg.train.max_steps,
+            global_batch,
+            cfg.train.batch_size,
+            cfg.train.grad_accum,
+            accelerator.num_processes,
+            precision,
+            device,
+        )
+
+    weights = LossWeights(cfg.loss.token_weight, cfg.loss.pixel_weight)
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard, state.step) if main else None
+    try:
+        with contextlib.ExitStack() as stack:
+            capture = None
+            if weights.grounding:  # lambda = gamma = 0: no capturing processor at all
+                from tokencompose.attention import AttentionCapture
+
+                capture = stack.enter_context(AttentionCapture(accelerator.unwrap_model(unet), cfg.loss.layers))
+            for t in terms:
+                stack.enter_context(accelerator.unwrap_model(t).capture(accelerator.unwrap_model(unet)))
+            loop = _Loop(cfg, accelerator, unet, optimizer, trainable, comps, loader, sampler, dataset, state, noise,
+                         ckpt, ema, writer, weights, capture, terms)  # fmt: skip
+            last = loop.run(global_batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    final = latest_checkpoint(run_dir / "checkpoints")
+    if main and cfg.log.curves and (run_dir / "metrics.jsonl").exists():
+        from tokencompose.train.curves import plot_loss_curves
+
+        plot_loss_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png", cfg.log.smoothing)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(run_dir, final, state.step, state.nan_skips, last)
+
+
+@dataclass
+class _Loop:
+    """Everything the step loop touches (built by :func:`train`)."""
+
+    cfg: Config
+    accelerator: Any
+    unet: Any
+    optimizer: Any
+    trainable: list[torch.nn.Parameter]
+    comps: Any
+    loader: Any
+    sampler: Any
+    dataset: Any
+    state: TrainState
+    noise: NoiseSource
+    ckpt: Checkpointer
+    ema: Any = None
+    writer: MetricsWriter | None = None
+    weights: LossWeights = field(default_factory=LossWeights)
+    capture: Any = None
+    terms: tuple[LossTerm, ...] = ()
+
+    def optimizer_step(self, stream: Any, drops: Any, epoch: int) -> tuple[StepOutput, torch.Tensor | None, int]:
+        """Accumulate ``grad_accum`` micro-batches, clip, and step unless non-finite; returns the last output."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        for _ in range(cfg.train.grad_accum):
+            batch_epoch, batch = next(stream)
+            state.micro += 1
+            if batch_epoch != epoch:
+                drops.report(log, prefix=f"epoch {epoch} data drops")
+                drops.reset()
+                epoch = batch_epoch
+            drops.update(batch)
+            batch = to_device(batch, acc.device)
+            with acc.accumulate(self.unet):
+                out = training_step(
+                    self.unet, self.comps.vae, self.conditioner, self.comps.scheduler, batch, self.weights,
+                    self.noise, self.capture, self.terms,
+                )  # fmt: skip
+                bad |= ~torch.isfinite(out.loss.detach())
+                acc.backward(out.loss)
+            self.sums.add({**out.terms, **out.parts}, cfg.train.batch_size)
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+        norm = acc.clip_grad_norm_(self.trainable, max_norm)
+        if norm is not None and acc.mixed_precision != "fp16":  # under fp16 the loss scaler owns overflows
+            bad |= ~torch.isfinite(norm)
+        if acc.num_processes > 1:  # every process must take the same decision
+            bad = acc.reduce(bad.float(), reduction="sum") > 0
+        if bool(bad):  # the one host sync per step
+            _non_finite(cfg, state, out)
+            if acc.scaler is not None:
+                acc.scaler.update()
+        else:
+            self.sums.add_grad_norm(norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = setup.lr_at(state.step, cfg.optim)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(acc.unwrap_model(self.unet))
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        return out, norm, epoch
+
+    def run(self, global_batch: int) -> dict[str, float]:
+        """Steps until ``train.max_steps``; logs and checkpoints on schedule; returns the last log row."""
+        from tqdm.auto import tqdm
+
+        from tokencompose.data.records import DropCounter
+
+        cfg, state, writer = self.cfg, self.state, self.writer
+        self.conditioner = SDConditioner(self.comps.text_encoder)
+        self.sums = RunningSums()
+        drops = DropCounter(self.dataset.drop_counts())
+        stream = batch_stream(self.loader, self.sampler, state.micro)
+        epoch = state.micro // self.sampler.batches_per_epoch
+        bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (writer and cfg.log.progress))
+        last: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), state.step
+        while state.step < cfg.train.max_steps:
+            _, _, epoch = self.optimizer_step(stream, drops, epoch)
+            bar.update(1)
+            if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
+                row = self.sums.reduce(self.accelerator)
+                now = time.perf_counter()
+                row["lr"] = setup.lr_at(state.step - 1, cfg.optim)
+                row["samples_per_s"] = global_batch * (state.step - tick_step) / max(now - tick, 1e-9)
+                row["peak_mem_gib"] = peak_memory_gib(self.accelerator.device)
+                row["nan_skips"] = state.nan_skips
+                row["epoch"] = epoch
+                tick, tick_step, last = now, state.step, row
+                if writer is not None:
+                    writer.write(state.step, row)
+                    loss = row.get("loss/total", float("nan"))
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+            if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.max_steps:
+                path = self.ckpt.save(state.step, {"epoch": epoch, "micro": state.micro, "nan_skips": state.nan_skips})
+                if writer is not None:
+                    bar.write(f"checkpoint: {path}")
+        bar.close()
+        if writer is not None and state.nan_skips:
+            log.warning("%d optimizer step(s) were skipped for a non-finite loss or gradient", state.nan_skips)
+        return last
+
+
+def _non_finite(cfg: Config, state: TrainState, out: Any) -> None:
+    """Count a non-finite step, or stop with a message naming the offending terms."""
+    state.nan_skips += 1
+    bad_terms = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
+    what = f"non-finite loss or gradient at step {state.step + 1} (terms: {', '.join(bad_terms) or 'gradients'})"
+    if cfg.train.nan_policy == "stop":
+        raise NonFiniteLossError(f"{what}; stopping (train.nan_policy=stop). No checkpoint was written for it.")
+    if state.nan_skips > cfg.train.max_nan_skips:
+        raise NonFiniteLossError(f"{what}; more than train.max_nan_skips={cfg.train.max_nan_skips} skipped steps")
+    log.warning("%s: step skipped (%d so far)", what, state.nan_skips)

@@ -1,0 +1,131 @@
+"""Building what the loop trains: models (frozen parts, LoRA, checkpointing), precision, optimizer, data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokencompose.config import Config, OptimConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``fp32``/``fp16``/``bf16`` -> the precision this device can train in (falls back to fp32, with a warning).
+
+    fp16 needs a loss scaler, which Accelerate only provides on GPUs; autocast support on MPS depends
+    on the macOS and torch versions, so it is probed with a tiny matmul instead of assumed.
+    """
+    if requested == "fp32":
+        return "fp32"
+    if requested == "fp16" and device.type == "cpu":
+        log.warning("fp16 training needs a GPU (loss scaling); training on the CPU in fp32 instead")
+        return "fp32"
+    try:
+        with torch.autocast(device_type=device.type, dtype=_DTYPES[requested]):
+            x = torch.ones(2, 2, device=device)
+            (x @ x).sum().item()
+    except Exception as err:  # RuntimeError on most backends, but some raise other types
+        log.warning("%s autocast is not supported on %s (%s); training in fp32", requested, device.type, err)
+        return "fp32"
+    return requested
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """Dtype of the frozen parts (VAE, text encoder): the half type under mixed precision, else fp32."""
+    return _DTYPES.get(precision, torch.float32)
+
+
+def load_models(cfg: Config) -> Any:
+    """Components for ``cfg.model`` (``tiny`` = tiny random-init SD seeded by ``train.seed``)."""
+    from tokencompose.models import load_components, tiny_components
+
+    if cfg.model.path == "tiny":
+        comps = tiny_components(
+            seed=cfg.train.seed, image_size=cfg.data.image_size, prediction_type=cfg.model.prediction_type or "epsilon"
+        )
+    else:
+        comps = load_components(cfg.model.path, revision=cfg.model.revision)
+    if cfg.model.prediction_type:
+        comps.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
+    return comps
+
+
+def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str) -> list[torch.nn.Parameter]:
+    """Freeze VAE and text encoder (cast to the half type under mixed precision), set up the UNet to train.
+
+    Returns the trainable UNet parameters (all of them, or the LoRA adapters). The UNet's own weights
+    stay fp32: autocast computes in half precision, the optimizer updates fp32 master weights.
+    """
+    from tokencompose.train.lora import add_lora
+
+    dtype = weight_dtype(precision)
+    for frozen in (comps.vae, comps.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(device, dtype=dtype)
+    unet = comps.unet
+    if cfg.train.lora.rank > 0:
+        lora = cfg.train.lora
+        add_lora(unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+    else:
+        unet.requires_grad_(True)
+    if cfg.train.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    unet.to(device)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    if cfg.warmup_steps > 0:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr
+
+
+def attention_sizes(unet: Any, vae_scale_factor: int, image_size: int) -> list[tuple[int, int]]:
+    """Spatial sizes of the UNet's attention maps: the latent size halved at every level below the first."""
+    side = image_size // vae_scale_factor
+    levels = len(unet.config.block_out_channels)
+    return [(side // 2**i, side // 2**i) for i in range(levels)]
+
+
+def ensure_shapes_data(cfg: Config) -> None:
+    """Render the shapes world to ``data.path`` when it is missing and ``data.shapes.num > 0``."""
+    path = Path(cfg.data.path)
+    if path.exists() or cfg.data.shapes.num <= 0:
+        return
+    from tokencompose.data.shapes import make_shapes_dataset
+
+    log.info("rendering %d shapes-world images to %s", cfg.data.shapes.num, path.parent)
+    make_shapes_dataset(path.parent, num=cfg.data.shapes.num, seed=cfg.data.shapes.seed, size=cfg.data.image_size)
+    if not path.exists():
+        raise FileNotFoundError(f"the shapes world was rendered to {path.parent} but {path.name} is not there")
+
+
+def build_dataset(cfg: Config, tokenizer: Any, sizes: list[tuple[int, int]]) -> tuple[Any, Any]:
+    """``(TokenDataset, collate)`` for ``cfg.data``."""
+    from tokencompose.data.dataset import TokenDataset, collate
+
+    path = Path(cfg.data.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: no training list at {path}")
+    dataset = TokenDataset(
+        str(path),
+        tokenizer,
+        cfg.data.image_size,
+        attention_sizes=sizes,
+        latent_cache=cfg.data.latent_cache,
+        flip=cfg.data.flip,
+    )
+    return dataset, collate

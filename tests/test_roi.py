@@ -315,3 +315,14 @@ def test_save_load_roundtrip(tmp_path):
     assert loaded.config == head.config and loaded.block == "up_blocks.1" and loaded.symmetric
     for (k, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_head_runs_in_float32_under_autocast_with_bf16_features():
+    head = RoiAlignmentHead(feature_dim=6, text_dim=5, embed_dim=4)
+    boxes, box_valid, token_index, token_valid, texts = _batch()
+    feats = torch.randn(2, 6, 8, 8).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(feats, boxes, box_valid, (64, 64), torch.randn(2, 77, 5).bfloat16(), token_index, token_valid, texts)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert feats.grad.dtype == torch.bfloat16 and feats.grad.abs().sum() > 0

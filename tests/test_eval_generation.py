@@ -128,3 +128,20 @@ def test_full_unet_override(tmp_path: Path, model_dir: Path, pipe) -> None:
     p2 = build_pipeline(model_dir, unet=tmp_path / "ckpt")
     a = next(iter(p2.unet.parameters()))
     assert torch.equal(a, next(iter(other.parameters()))) and not torch.equal(a, next(iter(pipe.unet.parameters())))
+
+
+def test_resolve_checkpoint_layouts(tmp_path: Path) -> None:
+    from tokencompose.evaluation.generation import resolve_checkpoint
+
+    full, lora, ema = tmp_path / "full", tmp_path / "lora", tmp_path / "ema"
+    (full / "unet").mkdir(parents=True)
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (ema / "unet_ema").mkdir(parents=True)
+    assert resolve_checkpoint(full) == (full, None)
+    assert resolve_checkpoint(lora) == (None, lora)
+    assert resolve_checkpoint(ema, ema=True) == (ema / "unet_ema", None)
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(full, ema=True)
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(tmp_path / "nothing")

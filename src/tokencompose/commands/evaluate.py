@@ -82,6 +82,7 @@ def run_multigen(args: argparse.Namespace) -> int:
     from tokencompose.commands.generate import (
         model_record,
         resolve_device_and_shard,
+        resolve_model_args,
         resolve_prompts,
         run_generation,
         settings_from_args,
@@ -116,6 +117,7 @@ def run_multigen(args: argparse.Namespace) -> int:
         save_prompts(prompts, out_dir / "prompts.json")
     info.update(saved="prompts.json", sha256=prompts_digest(prompts))
     settings = settings_from_args(args)
+    resolve_model_args(args)
     if not args.skip_generation:
         if not args.model:
             raise SystemExit("--model is required unless --skip-generation or --rescore")
@@ -189,7 +191,7 @@ def run_grounding(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from tokencompose.commands.generate import model_record, resolve_device_and_shard
+    from tokencompose.commands.generate import model_record, resolve_device_and_shard, resolve_model_args
     from tokencompose.data.dataset import TokenDataset, collate
     from tokencompose.evaluation.generation import build_pipeline
     from tokencompose.evaluation.grounding import evaluate_grounding
@@ -197,6 +199,7 @@ def run_grounding(args: argparse.Namespace) -> int:
 
     args.shard, args.num_shards = 0, 1
     device, *_ = resolve_device_and_shard(args)
+    resolve_model_args(args)
     pipe = build_pipeline(
         args.model, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, device=device, dtype=args.dtype
     )

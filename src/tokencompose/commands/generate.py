@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="base model: diffusers-layout folder or hub id")
-    g.add_argument("--unet", default=None, help="fine-tuned UNet folder of ours (config.json + weights, or unet/)")
+    g.add_argument("--checkpoint", default=None, help="a training checkpoint of ours (step-N/): UNet or LoRA, found")
+    g.add_argument("--ema", action="store_true", help="with --checkpoint: use its EMA UNet (unet_ema/)")
+    g.add_argument("--unet", default=None, help="fine-tuned UNet folder (config.json + weights, or unet/)")
     g.add_argument("--lora", default=None, help="LoRA weights (diffusers format) to fuse into the UNet")
     g.add_argument("--lora-scale", type=float, default=1.0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -129,8 +131,28 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def resolve_model_args(args: argparse.Namespace) -> None:
+    """``--checkpoint`` (+ ``--ema``) -> ``args.unet`` / ``args.lora``."""
+    if getattr(args, "checkpoint", None) and not getattr(args, "_checkpoint_resolved", False):
+        if args.unet or args.lora:
+            raise SystemExit("pass --checkpoint or --unet/--lora, not both")
+        from tokencompose.evaluation.generation import resolve_checkpoint
+
+        unet, lora = resolve_checkpoint(args.checkpoint, ema=args.ema)
+        args.unet = str(unet) if unet else None
+        args.lora = str(lora) if lora else None
+        args._checkpoint_resolved = True  # idempotent: evaluate resolves, then generation resolves again
+
+
 def model_record(args: argparse.Namespace) -> dict[str, Any]:
-    return {"base": str(args.model), "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale}
+    return {
+        "base": str(args.model),
+        "checkpoint": getattr(args, "checkpoint", None),
+        "ema": getattr(args, "ema", False),
+        "unet": args.unet,
+        "lora": args.lora,
+        "lora_scale": args.lora_scale,
+    }
 
 
 def run_generation(args: argparse.Namespace, prompts: list[Any], image_dir: Any, device: Any, shard: int, n: int):
@@ -141,6 +163,7 @@ def run_generation(args: argparse.Namespace, prompts: list[Any], image_dir: Any,
 
     from tokencompose.evaluation.generation import build_pipeline, generate_images
 
+    resolve_model_args(args)
     settings = settings_from_args(args)
     if not settings.safety_checker:
         log.info("safety checker: off (pass --safety-checker to run the model's own)")

@@ -92,6 +92,20 @@ def make_scheduler(model: str | Path, name: str) -> Any:
     return classes[name].from_config(config)
 
 
+def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path | None, Path | None]:
+    """A training checkpoint folder of ours -> ``(unet, lora)``: ``unet/`` (or ``unet_ema/``) or the LoRA file."""
+    path = Path(path)
+    if ema:
+        if not (path / "unet_ema").is_dir():
+            raise FileNotFoundError(f"{path} has no unet_ema/ (trained without EMA?)")
+        return path / "unet_ema", None
+    if (path / "unet").is_dir() or (path / "config.json").is_file():
+        return path, None
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        return None, path
+    raise FileNotFoundError(f"{path}: neither unet/ nor pytorch_lora_weights.safetensors found")
+
+
 def build_pipeline(
     model: str | Path,
     unet: str | Path | None = None,

@@ -1,0 +1,296 @@
+"""Train the shapes-world base model from scratch: the VAE first, then text encoder + UNet.
+
+Scenes are rendered on the fly from ``(seed, index)`` (no dataset on disk), so the stream never
+repeats and any step's batch can be re-rendered. Both stages write an atomic checkpoint every
+``checkpoint_every`` steps into the work folder and re-running the same command resumes from it
+(EDM2-style), so a CPU run can be stopped and continued at will. ``export`` writes a diffusers
+folder (fp16 safetensors by default) that :func:`tokencompose.models.load_components` and
+``StableDiffusionPipeline.from_pretrained`` load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """The base-model recipe. Every field can be overridden as ``key=value`` on the command line."""
+
+    arch: ShapesArch = field(default_factory=ShapesArch)
+    seed: int = 0
+    """Seed of the scene stream and of the initial weights."""
+    min_objects: int = 1
+    max_objects: int = 3
+    """Scenes hold 1..max_objects objects: the base learns single objects and simple pairs."""
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 20000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    text_lr: float = 2e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    """Share of empty captions, so classifier-free guidance works at sampling time."""
+    checkpoint_every: int = 250
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+
+def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple[torch.Tensor, list[str]]:
+    """Scenes ``start .. start+n`` of stream ``stream`` -> images ``[n, 3, S, S]`` in [-1, 1] and captions."""
+    from tokencompose.data.shapes import render_scene, scene_record
+
+    images, captions = [], []
+    size = cfg.arch.image_size
+    for i in range(start, start + n):
+        objects, text, _ = scene_record(
+            cfg.seed * 1000 + stream, i, size, min_objects=cfg.min_objects, max_objects=cfg.max_objects
+        )
+        image, _, _ = render_scene(objects, size)
+        images.append(torch.from_numpy(image))
+        captions.append(text)
+    x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, captions
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+
+
+def _progress(total: int, start: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=5)
+
+
+def train_vae(cfg: PretrainConfig, work: Path) -> Path:
+    """Stage 1: AutoencoderKL on rendered scenes (MSE + small KL). Returns the finished VAE folder."""
+    done = work / "vae"
+    if (done / "config.json").is_file():
+        return done
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.arch)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = work / "vae_state.pt"
+    step, state = 0, _resume(ckpt)
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        _set_rng_state(state["rng"])
+        log.info("VAE: resuming at step %d", step)
+    bar = _progress(cfg.vae_steps, step, "VAE")
+    vae.train()
+    while step < cfg.vae_steps:
+        x, _ = _stream_batch(cfg, step * cfg.vae_batch, cfg.vae_batch, stream=1)
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        rec = F.mse_loss(recon, x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for g in opt.param_groups:  # cosine decay: the last steps polish edges
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + np.cos(np.pi * step / cfg.vae_steps))
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": _rng_state()}, ckpt)
+    bar.close()
+    vae.eval()
+    # SD rescales latents to unit variance (0.18215 for SD 1.x); measure ours on fresh scenes.
+    with torch.no_grad():
+        x, _ = _stream_batch(cfg, 0, 256, stream=2)
+        z = vae.encode(x).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    tmp = work / "vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    os.replace(tmp, done)
+    return done
+
+
+class _Ema:
+    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = [s.clone() for s in state["shadow"]]
+        self.updates = state["updates"]
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow, strict=True):
+            p.copy_(s)
+
+
+def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
+    """Stage 2: text encoder + UNet with the denoising loss only, latents from the frozen VAE."""
+    from diffusers import AutoencoderKL
+
+    from tokencompose.losses import denoise_loss
+    from tokencompose.models import clip_tokenizer
+
+    done = work / "diffusion"
+    if (done / "unet" / "config.json").is_file():
+        return done
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(cfg.seed + 1)
+    unet, text = build_unet(cfg.arch), build_text_encoder(cfg.arch)
+    scheduler = build_scheduler()
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text.parameters(), "lr": cfg.text_lr}],
+        weight_decay=1e-2,
+    )
+    ema = _Ema([unet, text], cfg.ema_decay)
+    ckpt = work / "diffusion_state.pt"
+    step, state = 0, _resume(ckpt)
+    if state:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        step = state["step"]
+        _set_rng_state(state["rng"])
+        log.info("diffusion: resuming at step %d", step)
+    alphas = scheduler.alphas_cumprod
+    bar = _progress(cfg.unet_steps, step, "UNet+text")
+    unet.train()
+    text.train()
+    t_start, seen = time.perf_counter(), 0
+    while step < cfg.unet_steps:
+        x, captions = _stream_batch(cfg, step * cfg.unet_batch, cfg.unet_batch, stream=3)
+        drop = torch.rand(len(captions)) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(z)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, text(ids)[0]).sample
+        loss = denoise_loss(pred, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], 1.0)
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * warm, cfg.text_lr * warm
+        opt.step()
+        ema.update()
+        step += 1
+        seen += len(z)
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", sps=f"{seen / (time.perf_counter() - t_start):.1f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text": text.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.state_dict(),
+                "step": step,
+                "rng": _rng_state(),
+            }
+            _atomic_save(state, ckpt)
+    bar.close()
+    ema.copy_to_params()
+    tmp = work / "diffusion.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet")
+    text.save_pretrained(tmp / "text_encoder")
+    os.replace(tmp, done)
+    return done
+
+
+def export(cfg: PretrainConfig, work: Path, out: Path, fp16: bool = True) -> Path:
+    """Assemble a diffusers folder (``unet vae text_encoder tokenizer scheduler``) from a finished work folder.
+
+    ``fp16`` stores the weights in half precision (a few MB); loading upcasts to float32.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tokencompose.models import Components, clip_tokenizer
+
+    dtype = torch.float16 if fp16 else torch.float32
+    comps = Components(
+        unet=UNet2DConditionModel.from_pretrained(work / "diffusion" / "unet").to(dtype),
+        vae=AutoencoderKL.from_pretrained(work / "vae").to(dtype),
+        text_encoder=CLIPTextModel.from_pretrained(work / "diffusion" / "text_encoder").to(dtype),
+        tokenizer=clip_tokenizer(),
+        scheduler=build_scheduler(),
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    comps.save(tmp)
+    recipe = asdict(cfg)
+    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = None) -> Path:
+    """Run (or resume) both stages in ``work`` and export to ``out`` (default ``work/model``)."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_vae(cfg, work)
+    train_diffusion(cfg, work)
+    return export(cfg, work, Path(out) if out else work / "model")

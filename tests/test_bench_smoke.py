@@ -1,0 +1,27 @@
+"""The bench scripts run (tiny, CPU, one step) so they cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", ["losses.py", "train_step.py"])
+def test_bench_script_tiny(script, tmp_path):
+    args = [sys.executable, str(BENCH / script), "--tiny"]
+    if script == "train_step.py":
+        args += ["--json", str(tmp_path / "rows.json")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "device: cpu" in proc.stdout
+    if script == "train_step.py":
+        import json
+
+        rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+        assert {r["mode"] for r in rows} == {"plain", "ours", "paper"}
+        assert all(r["sps"] > 0 for r in rows)

@@ -257,7 +257,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def _default_sizes(image_size: int) -> list[Size]:
-    return attention_sizes((image_size, image_size))
+    """SD's attention sizes for ``S`` (``S/8 .. S/64``), without the empty ones of very small test images."""
+    return [s for s in attention_sizes((image_size, image_size)) if s[0] > 0 and s[1] > 0]
 
 
 def _crop_box(box: R.Box, geom: tuple, size: int, flip: bool) -> R.Box | None:

@@ -147,7 +147,7 @@ def attention_from_image(
     )
     title = f"{label + ': ' if label else ''}{caption} (t={','.join(map(str, noise_levels))}, seed {seed})"
     image = capture.to_uint8_image(px)
-    fig = _word_figure(image, maps, comps.tokenizer, caption, resolutions, words, special, "mean", cmap, title)
+    fig = _word_figure(image, maps, comps.tokenizer, caption, resolutions, words, special, merge, cmap, title)
     name = f"attention_{slug((label + '_' if label else '') + Path(image_path).stem + '_' + caption)}_s{seed}.png"
     file = save_png(fig, out / name, dpi)
     add_to_manifest(out, "attention", file, title, caption=caption, image=str(image_path), seed=seed)

@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tokencompose.commands.demo", "run the whole method on the built-in shapes world"),
     "prepare": ("tokencompose.commands.prepare", "build datasets (shapes, coco) and latent caches"),
+    "pretrain": ("tokencompose.commands.pretrain", "train the shapes-world base model from scratch"),
     "train": ("tokencompose.commands.train", "fine-tune a model with TokenCompose's losses"),
     "generate": ("tokencompose.commands.generate", "generate images with a (fine-tuned) model"),
     "evaluate": ("tokencompose.commands.evaluate", "MultiGen and attention-grounding evaluation"),

@@ -81,11 +81,13 @@ def load_components(
     revision: str | None = None,
     unet: str | Path | None = None,
     local_files_only: bool | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Components:
     """Load the parts from a diffusers-layout folder or hub id; ``unet`` optionally overrides the UNet.
 
     ``unet`` may be a folder holding a diffusers UNet (``config.json`` + weights) or a folder with a
-    ``unet/`` subfolder (a checkpoint of ours).
+    ``unet/`` subfolder (a checkpoint of ours). Every part is loaded in ``dtype`` (float32 by default,
+    whatever precision the files store: our shipped base model stores float16).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -101,15 +103,17 @@ def load_components(
         if missing:
             raise FileNotFoundError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     if unet is None:
-        unet_model = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
+        unet_model = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
     else:
         upath = Path(unet)
         sub = "unet" if (upath / "unet").is_dir() else None
-        unet_model = UNet2DConditionModel.from_pretrained(str(upath), subfolder=sub, local_files_only=True)
+        unet_model = UNet2DConditionModel.from_pretrained(
+            str(upath), subfolder=sub, local_files_only=True, torch_dtype=dtype
+        )
     return Components(unet=unet_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 

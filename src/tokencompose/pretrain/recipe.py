@@ -294,3 +294,24 @@ def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = Non
     train_vae(cfg, work)
     train_diffusion(cfg, work)
     return export(cfg, work, Path(out) if out else work / "model")
+
+
+def load_pretrain_config(source: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """A recipe YAML (or the default recipe) + dotted ``key=value`` overrides -> :class:`PretrainConfig`.
+
+    Unknown keys and ill-typed values raise :class:`tokencompose.config.ConfigError` naming the key.
+    """
+    import yaml
+
+    from tokencompose.config import _build, parse_override
+
+    data: dict = {}
+    if source is not None:
+        data = yaml.safe_load(Path(source).read_text()) or {}
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return _build(PretrainConfig, data)

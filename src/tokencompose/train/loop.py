@@ -92,11 +92,16 @@ def _seed_everything(cfg: Config) -> None:
 def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     """Train (or resume, when ``cfg.run_dir`` holds checkpoints) and return where the result is."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     validate(cfg)
     run_dir = Path(cfg.run_dir)
     precision = setup.resolve_precision(cfg.train.precision, PartialState().device)
+    # Accelerate keeps its state (precision included) per process; a second train() in the same
+    # process (a notebook, a sweep, the tests) may use another precision. The process group, held by
+    # PartialState, is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.train.grad_accum,

@@ -20,7 +20,7 @@ class ShapesArch:
 
     image_size: int = 64
     """Training and sampling resolution in pixels."""
-    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
     """AutoencoderKL block widths; the stride is 2 ** (len - 1)."""
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64, 64)

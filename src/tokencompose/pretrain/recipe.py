@@ -37,11 +37,11 @@ class PretrainConfig:
     min_objects: int = 1
     max_objects: int = 3
     """Scenes hold 1..max_objects objects: the base learns single objects and simple pairs."""
-    vae_steps: int = 3000
-    vae_batch: int = 32
+    vae_steps: int = 2500
+    vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 20000
+    unet_steps: int = 12000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     text_lr: float = 2e-4

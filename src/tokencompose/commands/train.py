@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -47,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 3
-    log.info("done: step %d, final checkpoint %s", result.step, result.checkpoint)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+        log.info("done: step %d, final checkpoint %s", result.step, result.checkpoint)
     return 0

@@ -97,7 +97,8 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
 
     validate(cfg)
     run_dir = Path(cfg.run_dir)
-    precision = setup.resolve_precision(cfg.train.precision, PartialState().device)
+    cpu = setup.force_cpu()
+    precision = setup.resolve_precision(cfg.train.precision, PartialState(cpu=cpu).device)
     # Accelerate keeps its state (precision included) per process; a second train() in the same
     # process (a notebook, a sweep, the tests) may use another precision. The process group, held by
     # PartialState, is kept.
@@ -106,6 +107,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         project_dir=str(run_dir),
+        cpu=cpu,
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config

@@ -36,6 +36,19 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def force_cpu() -> bool:
+    """Whether Accelerate must be told ``cpu=True``: asked for, or several processes and no GPU.
+
+    Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU; a
+    ``torchrun --nproc_per_node 2`` on a machine without GPUs would otherwise start 2 independent runs.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def weight_dtype(precision: str) -> torch.dtype:
     """Dtype of the frozen parts (VAE, text encoder): the half type under mixed precision, else fp32."""
     return _DTYPES.get(precision, torch.float32)
@@ -68,7 +81,7 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
     for frozen in (comps.vae, comps.text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(device, dtype=dtype)
+        frozen.to(device) if dtype == torch.float32 else frozen.to(device, dtype=dtype)
     unet = comps.unet
     if cfg.train.lora.rank > 0:
         lora = cfg.train.lora

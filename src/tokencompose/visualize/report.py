@@ -40,6 +40,7 @@ class Collected:
     results: list[dict[str, Any]] = field(default_factory=list)
     figures: list[tuple[str, Path, str]] = field(default_factory=list)  # (kind, png, title)
     notes: list[str] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)  # JSON with kind "summary" (the demo's verdict)
 
 
 def _walk(root: Path) -> Iterable[Path]:
@@ -124,6 +125,17 @@ def _add_result(path: Path, got: Collected) -> None:
     if kind in ("multigen", "grounding") and isinstance(data.get("scores"), dict):
         data.setdefault("_path", str(path))
         got.results.append(data)
+    elif kind == "summary" and isinstance(data.get("verdict"), str):
+        got.summaries.append(data)
+
+
+def _summary_section(summaries: list[dict[str, Any]]) -> str:
+    """What happened, in words first: each summary's verdict and its notes."""
+    parts = []
+    for s in summaries:
+        parts.append(f"<p><strong>{_e(s['verdict'])}</strong></p>")
+        parts.extend(f"<p>{_e(str(n))}</p>" for n in s.get("notes", []))
+    return "".join(parts)
 
 
 # -- rendering ---------------------------------------------------------------------------------------
@@ -264,6 +276,7 @@ def _curves_section(metrics: list[tuple[str, Path]], figures: list[tuple[str, Pa
 
 
 SECTIONS = (
+    ("summary", "What happened"),
     ("config", "Configuration"),
     ("curves", "Loss curves"),
     ("multigen", "MultiGen"),
@@ -281,6 +294,7 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
     other = [f for f in got.figures if f[0] not in FIGURE_KINDS]
     by_kind["attention"] += other
     bodies = {
+        "summary": _summary_section(got.summaries),
         "config": _config_section(got.configs) if got.configs else "",
         "curves": _curves_section(got.metrics, by_kind["curves"], notes),
         "multigen": _multigen_section(mg) if (mg := [r for r in got.results if r["kind"] == "multigen"]) else "",
@@ -300,7 +314,7 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
     present = [(key, name) for key, name in SECTIONS if bodies[key]]
     nav = " ".join(f'<a href="#{key}">{_e(name)}</a>' for key, name in present)
     sections = "".join(f'<section id="{key}"><h2>{_e(name)}</h2>{bodies[key]}</section>' for key, name in present)
-    omitted = [f"{name}: {missing[key]}" for key, name in SECTIONS if not bodies[key]]
+    omitted = [f"{name}: {missing[key]}" for key, name in SECTIONS if not bodies[key] and key in missing]
     note_html = "".join(f'<div class="note">{_e(n)}</div>' for n in [*(f"Omitted — {o}" for o in omitted), *notes])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (

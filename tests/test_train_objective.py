@@ -124,3 +124,40 @@ def test_zero_weight_extra_term_is_not_run(assets):
     probe = NanProbe({1, 2}, weight=0.0)
     result = train(_cfg(assets, "zero_term", "train.max_steps=1"), extra_terms=[probe])
     assert probe.calls == 0 and result.nan_skips == 0
+
+
+class LearnedTerm(LossTerm):
+    """A batch-level (scalar) term with a parameter, like the ROI contrastive head."""
+
+    name = "learned"
+    weight = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(3.0))
+        self.steps = 0
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        return (self.w - 1.0) ** 2 + 0.0 * ctx.model_pred.float().mean()
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [{"params": [self.w], "weight_decay": 0.0}]
+
+    def after_step(self) -> None:
+        self.steps += 1
+
+    def save(self, folder: Path) -> None:
+        (folder / "learned.txt").write_text(f"{float(self.w.detach()):.6f}")
+
+
+def test_extra_term_hook_trains_its_parameters_and_saves(assets):
+    from tokencompose.train import train
+
+    term = LearnedTerm()
+    result = train(_cfg(assets, "learned", "optim.lr=1e-1"), extra_terms=[term])
+    assert term.steps == 3 and float(term.w.detach()) < 3.0  # optimised with the UNet, after_step ran every step
+    assert float((result.checkpoint / "learned.txt").read_text()) == pytest.approx(float(term.w.detach()))
+    row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["loss/learned"] == pytest.approx(4.0)  # the scalar, broadcast over the batch, mean-logged
+    assert row["loss/total"] == pytest.approx(row["loss/denoise"] + 1e-3 * row["loss/token"]
+                                              + 5e-5 * row["loss/pixel"] + 0.5 * 4.0, rel=1e-5)  # fmt: skip

@@ -43,7 +43,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last log row
 
 
-def _export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path) -> None:
+def _export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path, terms: Sequence[Any]) -> None:
     """Diffusers-format weights into ``folder`` (called on every process; the main one writes)."""
     from safetensors.torch import save_file
 
@@ -64,6 +64,8 @@ def _export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: P
         save_file(weights, str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     if ema is not None:
         ema.save_pretrained(model, folder / "unet_ema")
+    for term in terms:
+        term.save(folder)
 
 
 def _restore_weights(model: Any, lora: bool, folder: Path) -> None:
@@ -139,12 +141,16 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         accelerator.process_index,
         pin_memory=device.type == "cuda",
     )
-    terms = tuple(t.to(device) for t in extra_terms if t.weight != 0)
-    term_params = [p for t in terms for p in t.parameters() if p.requires_grad]
-    optimizer = setup.build_optimizer(params + term_params, cfg.optim)
-    unet, optimizer, *prepared_terms = accelerator.prepare(comps.unet, optimizer, *terms)
-    terms = tuple(prepared_terms)
-    trainable = [p for p in unet.parameters() if p.requires_grad] + term_params
+    specs = tuple(t.to(device) for t in extra_terms if t.weight != 0)  # weight 0: never built into the step
+    groups = [{"params": params, "weight_decay": cfg.optim.weight_decay}]
+    groups += [g for t in specs for g in t.param_groups(cfg.optim.weight_decay)]
+    optimizer = setup.build_optimizer(groups, cfg.optim)
+    # Terms with parameters are prepared (DDP-wrapped) so their gradients are averaged like the UNet's.
+    learned = [t for t in specs if any(p.requires_grad for p in t.parameters())]
+    unet, optimizer, *prepared = accelerator.prepare(comps.unet, optimizer, *learned)
+    wrapped = dict(zip(map(id, learned), prepared, strict=True))
+    terms = tuple(wrapped.get(id(t), t) for t in specs)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     ema = None
     if cfg.train.ema.enabled:
@@ -161,7 +167,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         run_dir / "checkpoints",
         cfg.checkpoint.keep_last,
         accelerator.unwrap_model(unet),
-        export=lambda folder: _export_weights(accelerator, unet, ema, lora, folder),
+        export=lambda folder: _export_weights(accelerator, unet, ema, lora, folder, specs),
         restore=lambda folder: _restore_weights(accelerator.unwrap_model(unet), lora, folder),
     )
 
@@ -211,8 +217,8 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
                 from tokencompose.attention import AttentionCapture
 
                 capture = stack.enter_context(AttentionCapture(accelerator.unwrap_model(unet), cfg.loss.layers))
-            for t in terms:
-                stack.enter_context(accelerator.unwrap_model(t).capture(accelerator.unwrap_model(unet)))
+            for t in specs:
+                stack.enter_context(t.capture(accelerator.unwrap_model(unet)))
             loop = _Loop(cfg, accelerator, unet, optimizer, trainable, comps, loader, sampler, dataset, state, noise,
                          ckpt, ema, writer, weights, capture, terms)  # fmt: skip
             last = loop.run(global_batch)
@@ -289,6 +295,8 @@ class _Loop:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.step(acc.unwrap_model(self.unet))
+            for term in self.terms:
+                getattr(term, "module", term).after_step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         return out, norm, epoch

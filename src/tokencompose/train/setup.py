@@ -95,7 +95,8 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over parameters or parameter groups (groups may set their own weight decay)."""
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,10 +102,13 @@ class StepContext:
 class LossTerm(torch.nn.Module):
     """An extra objective term with its own weight (the hook for the ROI alignment loss).
 
-    Subclasses set ``name`` and ``weight``, return per-sample values ``[B]`` from :meth:`forward`, and
-    may return a context manager from :meth:`capture` that installs whatever they need on the UNet
-    (e.g. feature hooks) for the whole run. Their parameters (projection heads, temperature) are
-    trained with the UNet's.
+    Subclasses set ``name`` and ``weight`` and return from :meth:`forward` per-sample values ``[B]``, or
+    a scalar when the term is defined over the whole (global) batch, as a contrastive loss is. Optional
+    hooks: :meth:`capture` installs what the term needs on the UNet (e.g. a feature hook) for the whole
+    run; :meth:`param_groups` gives its optimizer groups (trained with the UNet, same learning rate);
+    :meth:`after_step` runs after every applied optimizer step (e.g. clamp a temperature); :meth:`save`
+    writes its weights into each checkpoint folder. Resume needs nothing extra: Accelerate saves the
+    module's state with the training state.
     """
 
     name: str = "extra"
@@ -112,6 +116,16 @@ class LossTerm(torch.nn.Module):
 
     def capture(self, unet: torch.nn.Module) -> AbstractContextManager[Any]:
         return nullcontext()
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}] if params else []
+
+    def after_step(self) -> None:
+        return None
+
+    def save(self, folder: Path) -> None:
+        return None
 
     def forward(self, ctx: StepContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -202,8 +216,10 @@ def training_step(
     if extra_terms:
         ctx = StepContext(batch, latents, noisy, t, cond, pred, maps)
         for term in extra_terms:
-            per[term.name] = term(ctx).float()
-            total = total + term.weight * per[term.name]
+            spec = getattr(term, "module", term)  # the term itself, also when wrapped by DDP
+            value = term(ctx).float()
+            per[spec.name] = value.expand(b) if value.ndim == 0 else value  # a batch-level term: same for all
+            total = total + spec.weight * per[spec.name]
     if capture is not None:
         capture.clear()  # the graph keeps what the loss needs; drop the store's references
     per["total"] = total

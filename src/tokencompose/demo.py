@@ -1,0 +1,247 @@
+"""``tokencompose demo``: the whole method, end to end, on the built-in shapes world.
+
+From the shipped shapes-world base model: render a training set of multi-object scenes, fine-tune
+(a) with the denoising loss only -- the control -- and (b) with TokenCompose's token and pixel losses,
+same data, steps and seed (optionally (c) + ROI alignment); evaluate base, control and TokenCompose
+with MultiGen on shapes prompts (exact detector, MG_k with 95% CIs) and with the attention-grounding
+metric on held-out scenes; draw the figures and write one HTML report that says what happened.
+
+Every stage writes into the output folder and is skipped when its result is already there, so
+re-running the command after an interruption resumes (training resumes at its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def shipped_base() -> Path | None:
+    """The base model shipped as package data (``assets/shapes_base``), or None if absent."""
+    folder = resources.files("tokencompose") / "assets" / "shapes_base"
+    with resources.as_file(folder) as real:
+        real = Path(real)
+        return real if (real / "model_index.json").is_file() else None
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo. The defaults fit ~10 minutes on 2 CPU cores; ``smoke()`` fits ~1 minute."""
+
+    out: str = "runs/demo"
+    base: str | None = None
+    """Base model folder (diffusers layout); None = the shipped shapes-world base."""
+    seed: int = 0
+    train_images: int = 1000
+    min_objects: int = 2
+    max_objects: int = 4
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    token_weight: float = 1e-2
+    pixel_weight: float = 5e-4
+    roi_weight: float = 0.0
+    """> 0 adds a third arm: TokenCompose + ROI-token alignment."""
+    prompts: int = 30
+    objects_per_prompt: int = 5
+    images_per_prompt: int = 4
+    sample_steps: int = 25
+    guidance: float = 5.0
+    grounding_images: int = 64
+    grounding_timesteps: str = "200,500"
+    figures: bool = True
+    arms: list[str] = field(default_factory=list)
+
+    @classmethod
+    def smoke(cls, **kw: Any) -> DemoSettings:
+        small = dict(
+            train_images=16, steps=2, batch_size=4, prompts=2, images_per_prompt=1, sample_steps=2, grounding_images=4
+        )
+        small.update(kw)
+        return cls(**small)
+
+
+def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float, pixel: float, roi: float) -> Path:
+    """Fine-tune one arm; returns its final checkpoint folder (resumes if the run folder exists)."""
+    from tokencompose.config import load_config
+    from tokencompose.train import train
+
+    cfg = load_config(
+        {
+            "run_dir": str(Path(s.out) / "runs" / name),
+            "model": {"path": str(base)},
+            "data": {"path": str(data), "image_size": 64, "num_workers": 0},
+            "loss": {"token_weight": token, "pixel_weight": pixel, "roi_weight": roi, "layers": ["mid", "up"]},
+            "optim": {"lr": s.lr, "warmup_steps": min(20, s.steps)},
+            "train": {"batch_size": s.batch_size, "grad_accum": 1, "max_steps": s.steps, "seed": s.seed},
+            "log": {"every": max(1, min(10, s.steps)), "tensorboard": False},
+            "checkpoint": {"every": max(1, s.steps // 2), "keep_last": 1},
+        }
+    )
+    result = train(cfg)
+    return Path(result.checkpoint)
+
+
+def _cli(args: list[str]) -> None:
+    from tokencompose.cli import main
+
+    code = main(args)
+    if code:
+        raise RuntimeError(f"tokencompose {' '.join(args)} failed with exit code {code}")
+
+
+def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path) -> dict[str, Path]:
+    out = Path(s.out) / "eval" / name
+    model = ["--model", str(base), "--device", "cpu", "--name", name]
+    if ckpt is not None:
+        model += ["--checkpoint", str(ckpt)]
+    mg = out / "multigen" / "results.json"
+    if not mg.is_file():
+        _cli(
+            ["evaluate", "multigen", "--out", str(mg.parent), *model, "--prompts", str(prompts)]
+            + ["--detector", "shapes", "--scheduler", "ddim", "--steps", str(s.sample_steps)]
+            + [
+                "--guidance-scale",
+                str(s.guidance),
+                "--resolution",
+                "64",
+                "--images-per-prompt",
+                str(s.images_per_prompt),
+            ]
+            + ["--seed", str(s.seed), "--batch-size", "16", "--queries", "prompt"]
+        )
+    gr = out / "grounding" / "results.json"
+    if not gr.is_file():
+        _cli(
+            ["evaluate", "grounding", "--out", str(gr.parent), *model, "--shapes", str(s.grounding_images)]
+            + ["--image-size", "64", "--timesteps", s.grounding_timesteps, "--batch-size", "16"]
+        )
+    return {"multigen": mg, "grounding": gr}
+
+
+def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
+    from tokencompose.evaluation.generation import resolve_checkpoint
+    from tokencompose.visualize import capture, make
+
+    out = Path(s.out) / "figures"
+    if (out / "figures.json").is_file():
+        return out
+    specs = []
+    for name, ckpt in arms.items():
+        unet = resolve_checkpoint(ckpt)[0] if ckpt is not None else None
+        specs.append((name, str(unet) if unet is not None else str(base)))
+    prompt = "a photo of a red circle, a blue square, and a green triangle."
+    for name, path in specs:
+        comps = capture.load_model(path, base)
+        make.attention_from_prompt(
+            comps, prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance, label=name
+        )
+    make.mask_comparisons(heldout, specs, out, base=base, num=3, seed=s.seed, noise_levels=(300,))
+    prompts = [
+        prompt,
+        "a photo of a yellow cross and a purple circle.",
+        "a photo of a cyan square, a red cross, and a blue circle.",
+    ]
+    make.model_grid(specs, prompts, out, base=base, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance)
+    for name, ckpt in arms.items():
+        if ckpt is not None:
+            make.loss_curves(ckpt.parent.parent, out / f"curves_{name}")
+    return out
+
+
+def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
+    """``{model: {"mg": [...], "mg_ci": [...], "miou": x, "auroc": y}}`` from the result files."""
+    table = {}
+    for name, files in results.items():
+        row: dict[str, Any] = {}
+        if files["multigen"].is_file():
+            sc = json.loads(files["multigen"].read_text())["scores"]
+            row["mg"] = sc.get("mg_percent")
+            row["mg_ci"] = sc.get("mg_ci95") or sc.get("ci95")
+        if files["grounding"].is_file():
+            g = json.loads(files["grounding"].read_text())["scores"]
+            row["miou"], row["auroc"] = g.get("best_miou"), g.get("auroc")
+        table[name] = row
+    return table
+
+
+def verdict(table: dict[str, Any]) -> str:
+    """A plain statement of whether TokenCompose beat the control (MG_k summed over k, and grounding IoU)."""
+    tc, ctl = table.get("tokencompose", {}), table.get("control", {})
+    if not tc.get("mg") or not ctl.get("mg"):
+        return "MultiGen scores missing: no verdict."
+    d_mg = sum(tc["mg"][1:]) - sum(ctl["mg"][1:])
+    d_iou = (tc.get("miou") or 0) - (ctl.get("miou") or 0)
+    mg_word = "beat" if d_mg > 0 else "did not beat"
+    return (
+        f"TokenCompose {mg_word} the control on MultiGen (sum of MG2..MG5 {d_mg:+.2f} points) and changed "
+        f"the attention-grounding mIoU by {d_iou:+.4f}. Differences inside the 95% CIs are not evidence."
+    )
+
+
+def run_demo(s: DemoSettings) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary table and writes ``OUT/report.html``."""
+    from tqdm.auto import tqdm
+
+    from tokencompose.data.shapes import categories, make_shapes_dataset, multigen_caption
+    from tokencompose.evaluation.prompts import sample_prompts, save_prompts
+    from tokencompose.visualize.report import build_report
+
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(s.base) if s.base else shipped_base()
+    if base is None:
+        raise FileNotFoundError(
+            "no shapes-world base model is shipped with this install; train one with "
+            "`tokencompose pretrain` and pass it with --base runs/shapes_base/model"
+        )
+    (out / "demo_settings.json").write_text(json.dumps({**asdict(s), "base": str(base)}, indent=2))
+    arms_spec = [("control", 0.0, 0.0, 0.0), ("tokencompose", s.token_weight, s.pixel_weight, 0.0)]
+    if s.roi_weight > 0:
+        arms_spec.append(("tokencompose_roi", s.token_weight, s.pixel_weight, s.roi_weight))
+    stages = tqdm(total=3 + len(arms_spec) + (len(arms_spec) + 1) + int(s.figures), desc="demo", unit="stage")
+
+    data = out / "data" / "train" / "metadata.jsonl"
+    if not data.is_file():
+        make_shapes_dataset(
+            data.parent, s.train_images, seed=s.seed + 1, size=64, min_objects=s.min_objects, max_objects=s.max_objects
+        )
+    heldout = out / "data" / "heldout" / "metadata.jsonl"
+    if not heldout.is_file():
+        make_shapes_dataset(heldout.parent, 8, seed=s.seed + 2, size=64, min_objects=2, max_objects=3)
+    stages.update(1)
+    prompts = out / "prompts.json"
+    if not prompts.is_file():
+        save_prompts(
+            sample_prompts(categories(), s.prompts, s.objects_per_prompt, seed=s.seed, text_fn=multigen_caption),
+            prompts,
+        )
+    stages.update(1)
+
+    arms: dict[str, Path | None] = {"base": None}
+    for name, token, pixel, roi in arms_spec:
+        stages.set_postfix_str(f"training {name}")
+        arms[name] = _train_arm(s, base, data, name, token, pixel, roi)
+        stages.update(1)
+    results = {}
+    for name, ckpt in arms.items():
+        stages.set_postfix_str(f"evaluating {name}")
+        results[name] = _evaluate(s, base, name, ckpt, prompts)
+        stages.update(1)
+    if s.figures:
+        stages.set_postfix_str("figures")
+        _figures(s, base, arms, heldout)
+        stages.update(1)
+    table = summarize(results)
+    summary = {"kind": "summary", "table": table, "verdict": verdict(table), "base": str(base), "settings": asdict(s)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    build_report([out], out / "report.html", title="TokenCompose demo on the shapes world")
+    stages.update(1)
+    stages.close()
+    return summary

@@ -261,6 +261,9 @@ class _Loop:
         """Accumulate ``grad_accum`` micro-batches, clip, and step unless non-finite; returns the last output."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        # Set before the backward passes: DeepSpeed's engine steps inside the last one.
+        for group in self.optimizer.param_groups:
+            group["lr"] = setup.lr_at(state.step, cfg.optim)
         for _ in range(cfg.train.grad_accum):
             batch_epoch, batch = next(stream)
             state.micro += 1
@@ -285,13 +288,11 @@ class _Loop:
         if acc.num_processes > 1:  # every process must take the same decision
             bad = acc.reduce(bad.float(), reduction="sum") > 0
         if bool(bad):  # the one host sync per step
-            _non_finite(cfg, state, out)
+            _non_finite(cfg, state, out, applied=str(acc.distributed_type).endswith("DEEPSPEED"))
             if acc.scaler is not None:
                 acc.scaler.update()
         else:
             self.sums.add_grad_norm(norm)
-            for group in self.optimizer.param_groups:
-                group["lr"] = setup.lr_at(state.step, cfg.optim)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.step(acc.unwrap_model(self.unet))
@@ -342,11 +343,17 @@ class _Loop:
         return last
 
 
-def _non_finite(cfg: Config, state: TrainState, out: Any) -> None:
-    """Count a non-finite step, or stop with a message naming the offending terms."""
+def _non_finite(cfg: Config, state: TrainState, out: Any, applied: bool = False) -> None:
+    """Count a non-finite step, or stop with a message naming the offending terms.
+
+    ``applied``: the step was already taken (DeepSpeed steps inside ``backward``), so it cannot be
+    skipped: stop before it reaches a checkpoint.
+    """
     state.nan_skips += 1
     bad_terms = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
     what = f"non-finite loss or gradient at step {state.step + 1} (terms: {', '.join(bad_terms) or 'gradients'})"
+    if applied:
+        raise NonFiniteLossError(f"{what}; DeepSpeed already applied it, stopping before it is checkpointed")
     if cfg.train.nan_policy == "stop":
         raise NonFiniteLossError(f"{what}; stopping (train.nan_policy=stop). No checkpoint was written for it.")
     if state.nan_skips > cfg.train.max_nan_skips:

@@ -150,3 +150,27 @@ def test_lora_checkpoint_loads_into_stock_pipeline(assets):
         pipe.load_lora_weights(result.checkpoint)
         after = pipe.unet(x, t, ctx).sample
     assert not torch.allclose(before, after)  # the trained adapters are active
+
+
+def test_worker_processes_do_not_change_results(assets):
+    from tokencompose.train import train
+
+    root, base, data = assets
+    over = ["data.flip=true", "train.max_steps=2", "log.curves=false", "log.tensorboard=false"]
+    runs = [
+        train(load_config(config_dict(base, data, root / f"workers{w}"), [*over, f"data.num_workers={w}"]))
+        for w in (0, 2)
+    ]
+    a, b = (load_unet_weights(r.checkpoint) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # flips are seeded per (seed, epoch, index), not per worker
+
+
+def test_shapes_preset_renders_its_data_and_trains(tmp_path):
+    """The shapes preset as shipped (model `tiny`, data rendered on first use), shortened."""
+    from tokencompose.train import train
+
+    over = [f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'world' / 'metadata.jsonl'}", "data.shapes.num=4"]
+    over += ["train.batch_size=2", "train.max_steps=1", "model.prediction_type=v_prediction", "log.curves=false"]
+    result = train(load_config("shapes_tiny", over))
+    assert (tmp_path / "world" / "metadata.jsonl").is_file()
+    assert result.step == 1 and (result.checkpoint / "unet" / "config.json").is_file()

@@ -110,3 +110,33 @@ def test_only_complete_checkpoints_count(tmp_path):
     for name in ("step-00000002", "step-00000010", ".tmp-step-00000012"):
         (tmp_path / name / STATE_FILE).write_text("{}")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10]  # no temp folder, no folder without state
+
+
+def test_precision_fallbacks_on_cpu():
+    from tokencompose.train.setup import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp16", cpu) == "fp32"  # no loss scaler on the CPU
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_resume_with_another_batch_layout_is_refused():
+    from tokencompose.train.checkpoint import TrainState
+
+    noise = NoiseSource(seed=0, device=torch.device("cpu"))
+    saved = TrainState(noise, batch_size=2, grad_accum=2, num_processes=1).state_dict()
+    with pytest.raises(ValueError, match="cannot resume"):
+        TrainState(noise, batch_size=4, grad_accum=1, num_processes=1).load_state_dict(saved)
+
+
+def test_v_prediction_target():
+    from diffusers import DDPMScheduler
+
+    from tokencompose.train.step import prediction_target
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    x, eps, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 900])
+    assert torch.equal(prediction_target(sched, x, eps, t), sched.get_velocity(x, eps, t))
+    sched.register_to_config(prediction_type="epsilon")
+    assert prediction_target(sched, x, eps, t) is eps

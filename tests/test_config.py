@@ -73,7 +73,7 @@ def test_overrides_are_typed():
         ("optim.betas=[0.9]", "optim.betas"),
         ("optim.lr=-1", "optim.lr"),
         ("train.grad_checkpointing=maybe", "train.grad_checkpointing"),
-        ("loss.roi_weight=0.1", "loss.roi_weight"),
+        ("loss.roi_weight=-0.1", "loss.roi_weight"),
         ("train.lora.rank.x=1", "train.lora.rank"),
         ("noequals", "noequals"),
     ],

@@ -79,3 +79,23 @@ def test_kill9_and_rerun_resumes_bit_exact(tmp_path):
 
 def _strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("samples_per_s", "peak_mem_gib")} for r in rows]
+
+
+def test_extending_a_finished_run_equals_a_longer_run_with_roi_head(tmp_path):
+    """Resume (in process) also restores extra-term state: train 2 steps, raise max_steps to 4, rerun."""
+    from safetensors.torch import load_file
+
+    from tokencompose.train import train
+
+    base, data = make_base(tmp_path), make_data(tmp_path, num=6)
+    over = ["loss.roi_weight=0.1", "loss.roi_embed_dim=16", "optim.lr=1e-2", "data.flip=true", "log.curves=false",
+            "log.tensorboard=false", "checkpoint.every=100"]  # fmt: skip
+    straight = train(load_config(config_dict(base, data, tmp_path / "straight"), [*over, "train.max_steps=4"]))
+    first = train(load_config(config_dict(base, data, tmp_path / "extended"), [*over, "train.max_steps=2"]))
+    assert first.step == 2
+    extended = train(load_config(config_dict(base, data, tmp_path / "extended"), [*over, "train.max_steps=4"]))
+    assert extended.step == 4
+    a, b = load_unet_weights(extended.checkpoint), load_unet_weights(straight.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    ha, hb = (load_file(str(r.checkpoint / "roi_head.safetensors")) for r in (extended, straight))
+    assert all(torch.equal(ha[k], hb[k]) for k in hb)

@@ -174,3 +174,19 @@ def test_shapes_preset_renders_its_data_and_trains(tmp_path):
     result = train(load_config("shapes_tiny", over))
     assert (tmp_path / "world" / "metadata.jsonl").is_file()
     assert result.step == 1 and (result.checkpoint / "unet" / "config.json").is_file()
+
+
+def test_roi_alignment_term_trains_and_is_saved(assets):
+    from tokencompose.roi import RoiAlignmentHead
+    from tokencompose.train import train
+
+    root, base, data = assets
+    over = ["loss.roi_weight=0.1", "loss.roi_embed_dim=16", "train.max_steps=2", "optim.lr=1e-2", "log.curves=false"]
+    result = train(load_config(config_dict(base, data, root / "run_roi"), over))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/roi"] > 0 for r in rows)
+    r = rows[-1]
+    weighted = r["loss/denoise"] + 1e-3 * r["loss/token"] + 5e-5 * r["loss/pixel"] + 0.1 * r["loss/roi"]
+    assert r["loss/total"] == pytest.approx(weighted, rel=1e-5)
+    head = RoiAlignmentHead.load(result.checkpoint)
+    assert head.config["embed_dim"] == 16 and head.block == "up_blocks.2"

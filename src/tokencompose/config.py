@@ -84,7 +84,13 @@ class LossConfig:
     pixel_weight: float = 5e-5
     """gamma, weight of L_pixel. 0 removes the term and its cost."""
     roi_weight: float = 0.0
-    """Weight of the ROI-token contrastive alignment term (0 = off; not implemented yet)."""
+    """Weight of the ROI-token contrastive alignment term (InfoNCE, box features vs phrase tokens); 0 = off."""
+    roi_block: str = "up_blocks.2"
+    """UNet block whose output features are ROI-pooled for the alignment term."""
+    roi_embed_dim: int = 256
+    """Width of the alignment term's shared embedding (projection heads' output)."""
+    roi_symmetric: bool = False
+    """Average the image->text and text->image InfoNCE directions."""
     layers: list[str] = field(default_factory=lambda: ["mid", "up"])
     """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or layer-name prefixes."""
 
@@ -196,7 +202,8 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.shapes.num", lambda v: v >= 0, "must be >= 0"),
     ("loss.token_weight", lambda v: v >= 0, "must be >= 0"),
     ("loss.pixel_weight", lambda v: v >= 0, "must be >= 0"),
-    ("loss.roi_weight", lambda v: v == 0, "the ROI alignment term is not implemented yet; use 0"),
+    ("loss.roi_weight", lambda v: v >= 0, "must be >= 0"),
+    ("loss.roi_embed_dim", lambda v: v >= 1, "must be >= 1"),
     ("loss.layers", lambda v: len(v) > 0, "must name at least one layer group"),
     ("optim.lr", lambda v: v > 0, "must be > 0"),
     ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "each beta must be in [0, 1)"),

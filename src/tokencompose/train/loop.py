@@ -141,7 +141,10 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         accelerator.process_index,
         pin_memory=device.type == "cuda",
     )
-    specs = tuple(t.to(device) for t in extra_terms if t.weight != 0)  # weight 0: never built into the step
+    from tokencompose.train.terms import build_terms
+
+    configured = build_terms(cfg, comps.unet, comps.text_encoder)
+    specs = tuple(t.to(device) for t in [*configured, *extra_terms] if t.weight != 0)  # weight 0: not in the step
     groups = [{"params": params, "weight_decay": cfg.optim.weight_decay}]
     groups += [g for t in specs for g in t.param_groups(cfg.optim.weight_decay)]
     optimizer = setup.build_optimizer(groups, cfg.optim)

@@ -190,3 +190,25 @@ def test_roi_alignment_term_trains_and_is_saved(assets):
     assert r["loss/total"] == pytest.approx(weighted, rel=1e-5)
     head = RoiAlignmentHead.load(result.checkpoint)
     assert head.config["embed_dim"] == 16 and head.block == "up_blocks.2"
+
+
+def test_latent_cache_replaces_the_vae_encoder(assets, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from tokencompose.data.latents import StaleCacheError, build_latent_cache
+    from tokencompose.models import load_components, tiny_components
+    from tokencompose.train import train
+
+    root, base, data = assets
+    cache = build_latent_cache(load_components(base).vae, str(data), root / "latents", image_size=64)
+    other = build_latent_cache(tiny_components(seed=1).vae, str(data), root / "latents_other", image_size=64)
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the VAE encoder ran although latents are cached")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    over = ["train.max_steps=1", "log.curves=false", "log.tensorboard=false"]
+    result = train(load_config(config_dict(base, data, root / "run_cache"), [*over, f"data.latent_cache={cache}"]))
+    assert result.step == 1
+    with pytest.raises(StaleCacheError, match="another VAE"):
+        train(load_config(config_dict(base, data, root / "run_stale"), [*over, f"data.latent_cache={other}"]))

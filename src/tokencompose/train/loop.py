@@ -125,6 +125,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
 
     # --- models, data, optimizer -----------------------------------------------------------------
     comps = setup.load_models(cfg)
+    setup.check_latent_cache(cfg, comps.vae)
     device = accelerator.device
     params = setup.prepare_models(comps, cfg, device, precision)
     lora = cfg.train.lora.rank > 0

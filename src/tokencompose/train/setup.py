@@ -127,6 +127,15 @@ def ensure_shapes_data(cfg: Config) -> None:
         raise FileNotFoundError(f"the shapes world was rendered to {path.parent} but {path.name} is not there")
 
 
+def check_latent_cache(cfg: Config, vae: Any) -> None:
+    """Refuse a latent cache built from another VAE, resolution or record list (before the VAE is cast)."""
+    if not cfg.data.latent_cache:
+        return
+    from tokencompose.data.latents import LatentCache
+
+    LatentCache(cfg.data.latent_cache).check(image_size=cfg.data.image_size, vae=vae, records=cfg.data.path)
+
+
 def build_dataset(cfg: Config, tokenizer: Any, sizes: list[tuple[int, int]]) -> tuple[Any, Any]:
     """``(TokenDataset, collate)`` for ``cfg.data``."""
     from tokencompose.data.dataset import TokenDataset, collate

@@ -336,6 +336,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Any schema dataclass from plain data, with the same typed parsing and key errors (no range checks)."""
+    return _build(cls, data, prefix)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from nested plain data (unknown keys rejected)."""
     if not isinstance(data, dict):

@@ -79,6 +79,38 @@ def _restore_weights(model: Any, lora: bool, folder: Path) -> None:
         model.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
 
 
+def _announce(
+    cfg: Config, accelerator: Any, precision: str, global_batch: int, trainable: int, resumed: Path | None, step: int
+) -> None:
+    """Write config.yaml and manifest.json, warn about config changes since the last start, log the plan."""
+    run_dir = Path(cfg.run_dir)
+    for change in write_config(run_dir, cfg):
+        log.warning("config differs from the run's previous config: %s", change)
+    info = {
+        "device": str(accelerator.device),
+        "precision": {"requested": cfg.train.precision, "used": precision},
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "effective_batch": global_batch,
+        "trainable_parameters": trainable,
+        "resumed_from": str(resumed) if resumed else None,
+        "resumed_step": step,
+    }
+    write_manifest(run_dir, cfg, info)
+    log.info(
+        "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
+        "LoRA adapters" if cfg.train.lora.rank > 0 else "the full UNet",
+        cfg.model.path,
+        cfg.train.max_steps,
+        global_batch,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        accelerator.num_processes,
+        precision,
+        accelerator.device,
+    )
+
+
 def _seed_everything(cfg: Config) -> None:
     from accelerate.utils import set_seed
 
@@ -183,34 +215,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         log.info("resumed from %s at step %d", resumed, state.step)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     if main:
-        for change in write_config(run_dir, cfg):
-            log.warning("config differs from the run's previous config: %s", change)
-        write_manifest(
-            run_dir,
-            cfg,
-            {
-                "device": str(device),
-                "precision": {"requested": cfg.train.precision, "used": precision},
-                "num_processes": accelerator.num_processes,
-                "distributed_type": str(accelerator.distributed_type),
-                "effective_batch": global_batch,
-                "trainable_parameters": sum(p.numel() for p in trainable),
-                "resumed_from": str(resumed) if resumed else None,
-                "resumed_step": state.step,
-            },
-        )
-        log.info(
-            "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
-            "LoRA" if lora else "the full UNet",
-            cfg.model.path,
-            cfg.train.max_steps,
-            global_batch,
-            cfg.train.batch_size,
-            cfg.train.grad_accum,
-            accelerator.num_processes,
-            precision,
-            device,
-        )
+        _announce(cfg, accelerator, precision, global_batch, sum(p.numel() for p in trainable), resumed, state.step)
 
     weights = LossWeights(cfg.loss.token_weight, cfg.loss.pixel_weight)
     writer = MetricsWriter(run_dir, cfg.log.tensorboard, state.step) if main else None
@@ -277,7 +282,7 @@ class _Loop:
                 epoch = batch_epoch
             drops.update(batch)
             batch = to_device(batch, acc.device)
-            with acc.accumulate(self.unet):
+            with acc.accumulate(self.unet, *self.terms):  # no gradient all-reduce before the last micro-batch
                 out = training_step(
                     self.unet, self.comps.vae, self.conditioner, self.comps.scheduler, batch, self.weights,
                     self.noise, self.capture, self.terms,

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# One intra-op thread: on a 2-core CI box the test processes (and the subprocesses some tests start)
+# otherwise oversubscribe the cores, and small ops get ~10x slower. Results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

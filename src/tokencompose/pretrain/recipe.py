@@ -303,7 +303,7 @@ def load_pretrain_config(source: str | Path | None = None, overrides: list[str] 
     """
     import yaml
 
-    from tokencompose.config import _build, parse_override
+    from tokencompose.config import build_dataclass, parse_override
 
     data: dict = {}
     if source is not None:
@@ -314,4 +314,4 @@ def load_pretrain_config(source: str | Path | None = None, overrides: list[str] 
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return _build(PretrainConfig, data)
+    return build_dataclass(PretrainConfig, data)

@@ -22,3 +22,13 @@ def tiny():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random-init SD-shaped pipeline saved in diffusers layout (what users point --model at)."""
+    from tokencompose.models import tiny_components
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    tiny_components(seed=0).save(path)
+    return path

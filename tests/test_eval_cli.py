@@ -6,29 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tokencompose.cli import main
 from tokencompose.evaluation.results import read_detections
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokencompose.models import tiny_components
-
-    path = tmp_path_factory.mktemp("tiny_sd")
-    tiny_components(seed=0).save(path)
-    return path
-
 
 GEN = ["--steps", "2", "--resolution", "64", "--images-per-prompt", "2", "--device", "cpu", "--batch-size", "4"]
 

@@ -19,15 +19,6 @@ from tokencompose.evaluation.detectors import (
 from tokencompose.evaluation.tiny_detectors import save_tiny_grounding_dino, save_tiny_owl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention (20x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
     rng = np.random.default_rng(0)

@@ -26,22 +26,6 @@ SETTINGS = GenerationSettings(steps=2, height=64, width=64, images_per_prompt=2,
 PROMPTS = sample_prompts(["cat", "dog", "cup", "book"], 2, num_objects=2, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention (20x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_sd")
-    tiny_components(seed=0).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pipe(model_dir: Path):
     return build_pipeline(model_dir)

@@ -17,15 +17,6 @@ from tokencompose.evaluation.grounding import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention (20x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _auroc_brute(s: torch.Tensor, y: torch.Tensor) -> float:
     pos, neg = s[y], s[~y]
     wins = sum(float(a > b) + 0.5 * float(a == b) for a, b in product(pos.tolist(), neg.tolist()))

@@ -12,15 +12,7 @@ import pytest
 import torch
 
 from tokencompose.config import dump_yaml, load_config
-from train_util import THREADS_ENV, config_dict, load_unet_weights, make_base, make_data, single_thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    single_thread()
-    yield
-    torch.set_num_threads(threads)
+from train_util import THREADS_ENV, config_dict, load_unet_weights, make_base, make_data
 
 
 def _free_port() -> int:

@@ -10,15 +10,7 @@ import torch
 
 from tokencompose.config import load_config
 from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepContext, training_step
-from train_util import config_dict, load_unet_weights, make_base, make_data, single_thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    single_thread()
-    yield
-    torch.set_num_threads(threads)
+from train_util import config_dict, load_unet_weights, make_base, make_data
 
 
 @pytest.fixture(scope="module")

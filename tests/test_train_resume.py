@@ -9,22 +9,13 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from tokencompose.config import dump_yaml, load_config
 from tokencompose.train.checkpoint import list_checkpoints
-from train_util import THREADS_ENV, config_dict, load_unet_weights, make_base, make_data, single_thread
+from train_util import THREADS_ENV, config_dict, load_unet_weights, make_base, make_data
 
 MAX_STEPS = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    single_thread()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cli(config_path, cwd):

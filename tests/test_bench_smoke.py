@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", ["losses.py", "train_step.py"])
+@pytest.mark.parametrize("script", ["losses.py", "train_step.py", "train_loop.py"])
 def test_bench_script_tiny(script, tmp_path):
     args = [sys.executable, str(BENCH / script), "--tiny"]
     if script == "train_step.py":

@@ -1,0 +1,112 @@
+"""The real training loop on cached latents vs the bare step: does the data path stall the device?
+
+Builds a model (SD 1.4 architecture with random weights on a GPU, or the tiny test model with
+``--tiny``), renders a shapes-world dataset at the model's resolution, caches its VAE latents, then
+runs ``tokencompose.train.train`` (data loader, text encoder, losses, optimizer, logging) and compares
+its samples/s with the same TokenCompose step timed on device-resident random tensors
+(``bench/train_step.py``'s "ours" row). Target on a GPU: gap <= 5%.
+
+    python bench/train_loop.py --batch 32 --precision bf16 --steps 60
+    python bench/train_loop.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402  (the step benchmark, same folder)
+
+
+def sd14_components(device: torch.device):
+    """SD 1.4-architecture parts with random weights (no download)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tokencompose.models import Components, clip_tokenizer
+
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return Components(UNet2DConditionModel(**train_step.SD14), vae, text, clip_tokenizer(), sched)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--images", type=int, default=512, help="shapes scenes to render and cache")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke run)")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    from tokencompose.config import load_config
+    from tokencompose.data.latents import build_latent_cache
+    from tokencompose.data.shapes import make_shapes_dataset
+    from tokencompose.models import tiny_components
+    from tokencompose.train import train
+
+    gpu = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if gpu else "cpu")
+    if args.tiny:
+        args.batch, args.steps, args.workers, args.images, args.precision = 4, 6, 0, 16, "fp32"
+    comps = tiny_components() if args.tiny else sd14_components(device)
+    size = 64 if args.tiny else 512
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        comps.save(tmp / "model")
+        data = make_shapes_dataset(tmp / "data", args.images, seed=0, size=size)
+        cache = build_latent_cache(comps.vae.to(device), data, tmp / "latents", size, batch_size=16, device=device)
+        cfg = load_config(
+            {
+                "run_dir": str(tmp / "run"),
+                "model": {"path": str(tmp / "model")},
+                "data": {
+                    "path": str(data),
+                    "image_size": size,
+                    "latent_cache": str(cache),
+                    "num_workers": args.workers,
+                },
+                "train": {
+                    "batch_size": args.batch,
+                    "grad_accum": 1,
+                    "max_steps": args.steps,
+                    "precision": args.precision,
+                },
+                "optim": {"lr": 1e-6},
+                "log": {"every": max(1, args.steps // 6), "tensorboard": False, "curves": False, "progress": False},
+                "checkpoint": {"every": 10**6, "keep_last": 1},
+            }
+        )
+        train(cfg)
+        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
+        loop_sps = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:] or [rows[-1]["samples_per_s"]]
+        loop = sorted(loop_sps)[len(loop_sps) // 2]  # median of the log intervals after the first (warm-up)
+    unet = comps.unet.to(device)
+    step = train_step.run("ours", unet, args.batch, args.precision, False, False, max(3, args.steps // 4), 2, device)
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    gap = 1 - loop / step.sps
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.precision}")
+    print(
+        f"real loop on cached latents: {loop:.2f} samples/s; bare step: {step.sps:.2f} samples/s; gap {100 * gap:.1f}%"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "loop_sps": loop, "step_sps": step.sps, "gap": gap}))
+
+
+if __name__ == "__main__":
+    main()

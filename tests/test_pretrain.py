@@ -51,3 +51,12 @@ def test_pretrain_mini_end_to_end_and_resume(tmp_path):
     # a longer recipe resumes from the saved state instead of starting over
     state = torch.load(tmp_path / "work" / "diffusion_state.pt", weights_only=False)
     assert state["step"] == 3
+
+
+def test_shipped_recipe_file_is_the_code_default():
+    from importlib import resources
+
+    from tokencompose.pretrain.recipe import PretrainConfig
+
+    path = resources.files("tokencompose") / "configs" / "pretrain" / "shapes_base.yaml"
+    assert load_pretrain_config(str(path)) == PretrainConfig()

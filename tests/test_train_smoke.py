@@ -180,6 +180,8 @@ def test_roi_alignment_term_trains_and_is_saved(assets):
     r = rows[-1]
     weighted = r["loss/denoise"] + 1e-3 * r["loss/token"] + 5e-5 * r["loss/pixel"] + 0.1 * r["loss/roi"]
     assert r["loss/total"] == pytest.approx(weighted, rel=1e-5)
+    tau_keys = [k for k in r if k.endswith("roi_tau")]
+    assert tau_keys and 0.01 <= r[tau_keys[0]] <= 1.0  # the learned temperature is logged, within its clamp
     head = RoiAlignmentHead.load(result.checkpoint)
     assert head.config["embed_dim"] == 16 and head.block == "up_blocks.2"
 

@@ -127,6 +127,10 @@ class LossTerm(torch.nn.Module):
     def save(self, folder: Path) -> None:
         return None
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Detached scalars of the last forward to log beside the term (e.g. a learned temperature)."""
+        return {}
+
     def forward(self, ctx: StepContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -220,6 +224,8 @@ def training_step(
             value = term(ctx).float()
             per[spec.name] = value.expand(b) if value.ndim == 0 else value  # a batch-level term: same for all
             total = total + spec.weight * per[spec.name]
+            for key, v in spec.diagnostics().items():
+                parts[f"{spec.name}_{key}"] = v.detach().float().reshape(-1).expand(b)
     if capture is not None:
         capture.clear()  # the graph keeps what the loss needs; drop the store's references
     per["total"] = total

@@ -30,6 +30,7 @@ class RoiTerm(LossTerm):
         self.weight = float(weight)
         self.image_size = int(image_size)
         self._features: Any = None
+        self._last: dict[str, torch.Tensor] = {}
 
     def capture(self, unet: torch.nn.Module) -> AbstractContextManager[Any]:
         from tokencompose.roi import decoder_feature_hook
@@ -51,7 +52,12 @@ class RoiTerm(LossTerm):
             b["token_valid"],
             b["phrases"],
         )
+        # logged as roi_tau / roi_phrases: the temperature and how many phrases the InfoNCE saw
+        self._last = {"tau": torch.as_tensor(out.tau).detach(), "phrases": torch.as_tensor(float(out.num_phrases))}
         return out.loss
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self._last
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return self.head.param_groups(weight_decay)  # no decay on the temperature

@@ -130,10 +130,30 @@ def _add_result(path: Path, got: Collected) -> None:
 
 
 def _summary_section(summaries: list[dict[str, Any]]) -> str:
-    """What happened, in words first: each summary's verdict and its notes."""
+    """What happened, in words first: each summary's verdict, its per-model table and its notes."""
     parts = []
     for s in summaries:
         parts.append(f"<p><strong>{_e(s['verdict'])}</strong></p>")
+        table = s.get("table") or {}
+        if table:
+            kmax = max((len(r.get("mg") or []) for r in table.values()), default=0)
+            head = ["model", *(f"MG{k}" for k in range(1, kmax + 1)), "mIoU", "AUROC"]
+            rows = []
+            for name, r in table.items():
+                mg, ci = r.get("mg") or [], r.get("mg_ci") or []
+                cells = [f"<td>{_e(name)}</td>"]
+                for k in range(kmax):
+                    text = _num(mg[k]) if k < len(mg) else "–"
+                    if k < len(ci) and isinstance(ci[k], Sequence) and len(ci[k]) == 2:
+                        text += f'<span class="ci">[{_num(ci[k][0])}, {_num(ci[k][1])}]</span>'
+                    cells.append(f'<td class="num">{text}</td>')
+                cells += [f'<td class="num">{_num(r.get("miou"), "{:.3f}")}</td>']
+                cells += [f'<td class="num">{_num(r.get("auroc"), "{:.3f}")}</td>']
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            th = "".join(f"<th>{_e(h)}</th>" for h in head)
+            parts.append(f"<table><tr>{th}</tr>{''.join(rows)}</table>")
+            parts.append('<p class="meta">MG<sub>k</sub> in percent with 95% bootstrap CIs over prompts; mIoU is the '
+                         "best over the threshold sweep; both are detailed below.</p>")  # fmt: skip
         parts.extend(f"<p>{_e(str(n))}</p>" for n in s.get("notes", []))
     return "".join(parts)
 
@@ -185,7 +205,10 @@ def _config_section(configs: list[tuple[str, dict[str, Any]]]) -> str:
             f"<tr><td><code>{_e(k)}</code></td><td>{_e(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
             for k, v in flatten(cfg).items()
         )
-        parts.append(f"<h3>{_e(name)}</h3><details open><summary>config.yaml</summary><table>{rows}</table></details>")
+        parts.append(
+            f"<h3>{_e(name)}</h3><details><summary>config.yaml (click to expand)</summary>"
+            f"<table>{rows}</table></details>"
+        )
     return "".join(parts)
 
 

@@ -48,7 +48,7 @@ class DemoSettings:
     pixel_weight: float = 5e-4
     roi_weight: float = 0.0
     """> 0 adds a third arm: TokenCompose + ROI-token alignment."""
-    prompts: int = 30
+    prompts: int = 60
     objects_per_prompt: int = 5
     images_per_prompt: int = 4
     sample_steps: int = 25

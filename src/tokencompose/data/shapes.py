@@ -175,14 +175,9 @@ def _valid(objects: list[ShapeObject], full: list[np.ndarray], max_occlusion: fl
 
 def multigen_caption(categories: Sequence[str]) -> str:
     """MultiGen's prompt: ``"a photo of a A, a B, and a C."`` (``"a photo of a A and a B."`` for two)."""
-    items = [f"a {c}" for c in categories]
-    if len(items) == 1:
-        body = items[0]
-    elif len(items) == 2:
-        body = f"{items[0]} and {items[1]}"
-    else:
-        body = ", ".join(items[:-1]) + f", and {items[-1]}"
-    return f"a photo of {body}."
+    from tokencompose.captions import multigen_text
+
+    return multigen_text(categories)
 
 
 def _and_list(items: Sequence[str]) -> str:

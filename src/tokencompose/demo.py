@@ -173,14 +173,14 @@ def verdict(table: dict[str, Any]) -> str:
     tc, ctl = table.get("tokencompose", {}), table.get("control", {})
     if not tc.get("mg") or not ctl.get("mg"):
         return "MultiGen scores missing: no verdict."
-    d_mg = sum(tc["mg"][1:]) - sum(ctl["mg"][1:])
+    d_mg = round(sum(tc["mg"][1:]) - sum(ctl["mg"][1:]), 2)  # percentages: 0.01 is below one image
     clear = [
         f"MG{k + 1}"
         for k in range(1, min(len(tc["mg"]), len(ctl["mg"])))
         if tc.get("mg_ci") and ctl.get("mg_ci") and tc["mg_ci"][k][0] > ctl["mg_ci"][k][1]
     ]
     d_iou = (tc.get("miou") or 0) - (ctl.get("miou") or 0)
-    mg_word = "beat" if d_mg > 0 else "did not beat"
+    mg_word = "beat" if d_mg > 0 else ("tied with" if d_mg == 0 else "did not beat")
     ci_text = (
         f"the 95% CIs separate on {', '.join(clear)}"
         if clear

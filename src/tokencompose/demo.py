@@ -44,8 +44,8 @@ class DemoSettings:
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-4
-    token_weight: float = 1e-2
-    pixel_weight: float = 5e-4
+    token_weight: float = 5e-2
+    pixel_weight: float = 2.5e-3
     roi_weight: float = 0.0
     """> 0 adds a third arm: TokenCompose + ROI-token alignment."""
     prompts: int = 60

@@ -1,0 +1,54 @@
+"""The shapes-world base model shipped as package data: loadable, documented, and it draws what it is asked.
+
+Skipped (with the reason) in a checkout where the weights have not been exported yet.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokencompose.demo import shipped_base
+
+BASE = shipped_base()
+pytestmark = pytest.mark.skipif(BASE is None, reason="no shapes-world base in src/tokencompose/assets/shapes_base")
+
+
+def test_base_is_a_documented_diffusers_folder():
+    from tokencompose.models import load_components
+    from tokencompose.pretrain.recipe import PretrainConfig
+
+    comps = load_components(BASE)
+    assert comps.unet.dtype == torch.float32
+    assert comps.unet.config.sample_size * comps.vae_scale_factor == 64
+    assert len(comps.unet.config.block_out_channels) >= 3  # cross-attention at >= 3 resolutions
+    recipe = json.loads((BASE / "recipe.json").read_text())
+    assert set(recipe) == {f for f in PretrainConfig.__dataclass_fields__}
+    card = (BASE / "README.md").read_text()
+    for needed in ("MG1", "recipe", "CPU"):
+        assert needed in card
+    weights = sum(p.stat().st_size for p in BASE.rglob("*.safetensors"))
+    assert weights < 20 * 2**20  # fp16, a few MB
+
+
+def test_base_draws_single_objects_it_is_asked_for():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from tokencompose.data.shapes import detect_shapes
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        BASE, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    cats = ["red circle", "blue square", "green triangle", "yellow cross", "purple circle", "cyan square"]
+    g = [torch.Generator().manual_seed(i) for i in range(2 * len(cats))]
+    prompts = [f"a photo of a {c}." for c in cats for _ in range(2)]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, height=64, width=64, generator=g,
+                  output_type="np").images  # fmt: skip
+    found = [cats[i // 2] in {k for k, s in detect_shapes((img * 255).round().astype("uint8")).items() if s > 0.1}
+             for i, img in enumerate(images)]  # fmt: skip
+    # a random-init model finds ~0 of these; the model card reports the measured rate on more prompts
+    assert sum(found) / len(found) >= 0.5, found

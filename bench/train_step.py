@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.attention import AttentionCapture, select_layers
-from tokencompose.losses import grounding_losses
+from tokencompose.losses import column_subset, grounding_losses
 from tokencompose.masks import masks_at_resolutions
 from tokencompose.tokens import pad_token_positions
 
@@ -94,7 +94,18 @@ def make_batch(unet, batch: int, device, phrases: int = 3):
     return x, t, ctx, index.to(device), valid.to(device), masks_img
 
 
-def run(mode: str, unet, batch: int, precision: str, use_compile: bool, ckpt: bool, steps: int, warmup: int, device):
+def run(
+    mode: str,
+    unet,
+    batch: int,
+    precision: str,
+    use_compile: bool,
+    ckpt: bool,
+    steps: int,
+    warmup: int,
+    device,
+    columns: bool = False,
+):
     if ckpt:
         unet.enable_gradient_checkpointing()
     else:
@@ -102,6 +113,10 @@ def run(mode: str, unet, batch: int, precision: str, use_compile: bool, ckpt: bo
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
     x, t, ctx, index, valid, masks_img = make_batch(unet, batch, device)
+    cols = None
+    if columns:  # keep only the supervised token columns of each captured map (loss.capture_columns)
+        cols, index = column_subset(index.cpu(), valid.cpu())
+        cols, index = cols.to(device), index.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     model = torch.compile(unet) if use_compile else unet
@@ -117,7 +132,7 @@ def run(mode: str, unet, batch: int, precision: str, use_compile: bool, ckpt: bo
         store.clear()
         with amp:
             if mode == "ours":
-                with AttentionCapture(unet) as cap:
+                with AttentionCapture(unet, columns=cols) as cap:
                     pred = model(x, t, ctx).sample
                     maps = cap.by_size()
             else:
@@ -164,6 +179,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-design baseline")
+    ap.add_argument("--columns", action="store_true", help="(b) captures only the supervised token columns")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet on CPU, one timed step (smoke run)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()

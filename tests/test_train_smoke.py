@@ -206,3 +206,29 @@ def test_latent_cache_replaces_the_vae_encoder(assets, monkeypatch):
     assert result.step == 1
     with pytest.raises(StaleCacheError, match="another VAE"):
         train(load_config(config_dict(base, data, root / "run_stale"), [*over, f"data.latent_cache={other}"]))
+
+
+def test_capturing_only_the_supervised_columns_gives_the_same_run(assets, monkeypatch):
+    import tokencompose.train.step as step_module
+    from tokencompose.train import train
+
+    widths: list[int] = []
+    real = step_module.grounding_losses
+
+    def spy(maps, *args, **kwargs):
+        widths.append(next(iter(maps.values()))[0].shape[-1])
+        return real(maps, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "grounding_losses", spy)
+    root, base, data = assets
+    over = ["train.max_steps=2", "log.every=1", "log.curves=false", "loss.token_weight=1e-2", "loss.pixel_weight=1e-3"]
+    runs = {}
+    for flag in ("false", "true"):
+        result = train(
+            load_config(config_dict(base, data, root / f"run_cols_{flag}"), [*over, f"loss.capture_columns={flag}"])
+        )
+        runs[flag] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for full, sub in zip(runs["false"], runs["true"], strict=True):
+        for key in ("loss/token", "loss/pixel", "loss/total"):
+            assert sub[key] == pytest.approx(full[key], rel=1e-5), key
+    assert widths[:2] == [77, 77] and all(w < 77 for w in widths[2:])  # the second run kept only its columns

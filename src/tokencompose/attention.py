@@ -73,6 +73,7 @@ class AttentionStore:
         self.maps: dict[str, torch.Tensor] = {}
         self.sizes: dict[str, Size] = {}
         self.latent_size: Size | None = None
+        self.columns: torch.Tensor | None = None  # keep only these token columns (``[K]`` long), or all
 
     def clear(self) -> None:
         self.maps = {}
@@ -114,12 +115,10 @@ class CaptureAttnProcessor:
         name: str,
         store: AttentionStore,
         keep_cond_only: bool = False,
-        columns: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.store = store
         self.keep_cond_only = keep_cond_only
-        self.columns = columns
 
     def __call__(
         self,
@@ -170,8 +169,8 @@ class CaptureAttnProcessor:
         kept = probs
         if self.keep_cond_only:
             kept = kept[kept.shape[0] // 2 :]  # classifier-free guidance batches are [uncond; cond]
-        if self.columns is not None:
-            kept = kept.index_select(-1, self.columns.to(kept.device))
+        if self.store.columns is not None:
+            kept = kept.index_select(-1, self.store.columns.to(kept.device))
         self.store.record(self.name, kept)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
@@ -213,10 +212,8 @@ class AttentionCapture:
         self.unet = unet
         self.names = select_layers(unet, layers)
         self.keep_cond_only = keep_cond_only
-        if columns is not None and not isinstance(columns, torch.Tensor):
-            columns = torch.as_tensor(list(columns), dtype=torch.long)
-        self.columns = columns
         self.store = AttentionStore()
+        self.columns = columns
         self._original: dict[str, object] | None = None
         self._hook = None
 
@@ -226,7 +223,7 @@ class AttentionCapture:
         self._original = dict(self.unet.attn_processors)
         processors = dict(self._original)
         for name in self.names:
-            processors[f"{name}.processor"] = CaptureAttnProcessor(name, self.store, self.keep_cond_only, self.columns)
+            processors[f"{name}.processor"] = CaptureAttnProcessor(name, self.store, self.keep_cond_only)
         self.unet.set_attn_processor(processors)
         self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self
@@ -243,6 +240,17 @@ class AttentionCapture:
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self.store.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+    @property
+    def columns(self) -> torch.Tensor | None:
+        """Token columns kept in each map (``[K]`` long), or None for all; may change between forwards."""
+        return self.store.columns
+
+    @columns.setter
+    def columns(self, columns: torch.Tensor | Iterable[int] | None) -> None:
+        if columns is not None and not isinstance(columns, torch.Tensor):
+            columns = torch.as_tensor(list(columns), dtype=torch.long)
+        self.store.columns = columns
 
     @property
     def maps(self) -> dict[str, torch.Tensor]:

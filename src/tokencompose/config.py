@@ -93,6 +93,8 @@ class LossConfig:
     """Average the image->text and text->image InfoNCE directions."""
     layers: list[str] = field(default_factory=lambda: ["mid", "up"])
     """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or layer-name prefixes."""
+    capture_columns: bool = False
+    """Keep only the batch's supervised token columns of each captured map (less memory; same losses)."""
 
 
 @dataclass

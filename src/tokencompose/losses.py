@@ -164,6 +164,19 @@ def pixel_loss(maps, index, valid, masks) -> torch.Tensor:
     return grounding_losses(maps, index, valid, masks, token=False).pixel
 
 
+def column_subset(index: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token columns a batch supervises and its index into them: ``([K], [B, P, T])``.
+
+    Compute it where the batch still lives on the CPU (``torch.unique`` needs the values); give the
+    columns to :class:`~tokencompose.attention.AttentionCapture` so it keeps ``[B, H, N, K]`` instead of
+    ``[B, H, N, L]``, and the returned index to the losses. At least one column is always kept.
+    """
+    columns = torch.unique(index[valid])
+    if columns.numel() == 0:
+        columns = torch.zeros(1, dtype=torch.long)
+    return columns, remap_to_columns(index, valid, columns)
+
+
 def remap_to_columns(index: torch.Tensor, valid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Token positions -> positions within a captured column subset ``columns [K]``.
 

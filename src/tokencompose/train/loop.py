@@ -281,6 +281,12 @@ class _Loop:
                 drops.reset()
                 epoch = batch_epoch
             drops.update(batch)
+            if cfg.loss.capture_columns and self.capture is not None:
+                from tokencompose.losses import column_subset
+
+                batch["token_columns"], batch["token_index_in_columns"] = column_subset(
+                    batch["token_index"], batch["token_valid"]
+                )
             batch = to_device(batch, acc.device)
             with acc.accumulate(self.unet, *self.terms):  # no gradient all-reduce before the last micro-batch
                 out = training_step(

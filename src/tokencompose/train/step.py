@@ -198,6 +198,10 @@ def training_step(
     eps = noise.randn(tuple(latents.shape), device)
     noisy = scheduler.add_noise(latents, eps, t)
     cond = conditioner(batch)
+    token_index = batch["token_index"]
+    if capture is not None and "token_columns" in batch:  # loss.capture_columns: keep [B, H, N, K] maps only
+        capture.columns = batch["token_columns"]
+        token_index = batch["token_index_in_columns"]
     pred = unet(noisy, t, **cond).sample
 
     per = {"denoise": denoise_loss(pred, prediction_target(scheduler, latents, eps, t))}
@@ -208,7 +212,7 @@ def training_step(
             raise ValueError("grounding loss weights are > 0 but no AttentionCapture is active")
         maps = capture.by_size()
         g = grounding_losses(
-            maps, batch["token_index"], batch["token_valid"], batch["masks"], weights.token > 0, weights.pixel > 0
+            maps, token_index, batch["token_valid"], batch["masks"], weights.token > 0, weights.pixel > 0
         )
         if weights.token > 0:
             per["token"] = g.token

@@ -147,40 +147,13 @@ def train_vae(cfg: PretrainConfig, work: Path) -> Path:
     return done
 
 
-class _Ema:
-    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
-
-    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = [s.clone() for s in state["shadow"]]
-        self.updates = state["updates"]
-
-    @torch.no_grad()
-    def copy_to_params(self) -> None:
-        for p, s in zip(self.params, self.shadow, strict=True):
-            p.copy_(s)
-
-
 def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
     """Stage 2: text encoder + UNet with the denoising loss only, latents from the frozen VAE."""
     from diffusers import AutoencoderKL
 
     from tokencompose.losses import denoise_loss
     from tokencompose.models import clip_tokenizer
+    from tokencompose.train.ema import EMA
 
     done = work / "diffusion"
     if (done / "unet" / "config.json").is_file():
@@ -194,7 +167,8 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
         [{"params": unet.parameters(), "lr": cfg.unet_lr}, {"params": text.parameters(), "lr": cfg.text_lr}],
         weight_decay=1e-2,
     )
-    ema = _Ema([unet, text], cfg.ema_decay)
+    trained = torch.nn.ModuleList([unet, text])  # one EMA over both parts
+    ema = EMA(trained, cfg.ema_decay)
     ckpt = work / "diffusion_state.pt"
     step, state = 0, _resume(ckpt)
     if state:
@@ -229,7 +203,7 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
         warm = min(1.0, (step + 1) / max(1, cfg.warmup))
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.unet_lr * warm, cfg.text_lr * warm
         opt.step()
-        ema.update()
+        ema.step(trained)
         step += 1
         seen += len(z)
         bar.update(1)
@@ -246,7 +220,7 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
             }
             _atomic_save(state, ckpt)
     bar.close()
-    ema.copy_to_params()
+    ema.copy_to(trained)
     tmp = work / "diffusion.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")

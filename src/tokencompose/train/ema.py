@@ -35,6 +35,13 @@ class EMA:
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.num_updates += 1
 
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Load the averaged weights into ``module`` (the one the EMA was built on)."""
+        params = dict(module.named_parameters())
+        for n, s in zip(self.names, self.shadow, strict=True):
+            params[n].copy_(s)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,

@@ -147,8 +147,7 @@ def generate_with_attention(
             callback_on_step_end=on_step,
             output_type="np",
         )
-    image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
-    return image, acc.mean(), used
+    return _uint8(out.images[0]), acc.mean(), used
 
 
 @torch.no_grad()
@@ -176,7 +175,12 @@ def generate_images(
         generator=_generators(seeds, device),
         output_type="np",
     )
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out.images]
+    return [_uint8(im) for im in out.images]
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """A pipeline's float image in [0, 1] -> uint8 ``[S, S, 3]``."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()

@@ -96,22 +96,6 @@ def attention_from_prompt(
     return file
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """An image file -> ``[3, S, S]`` in [-1, 1]: resize the short side to ``S``, centre crop."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
 def _input_ids(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
     n = int(getattr(tokenizer, "model_max_length", 77))
     return tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="pt")[
@@ -138,10 +122,11 @@ def attention_from_image(
     label: str = "",
 ) -> Path:
     """Per-word attention of an existing image + caption, noised at ``noise_levels`` with ``seed``."""
+    from tokencompose.data.dataset import load_image
     from tokencompose.visualize.figures import save_png
 
     size = size or capture.default_image_size(comps)
-    px = load_image(image_path, size)
+    px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
     maps = capture.image_attention(
         comps, px[None], _input_ids(comps.tokenizer, [caption]), noise_levels, seed, layers, None, device
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,6 @@ class DemoSettings:
     grounding_images: int = 64
     grounding_timesteps: str = "200,500"
     figures: bool = True
-    arms: list[str] = field(default_factory=list)
 
     @classmethod
     def smoke(cls, **kw: Any) -> DemoSettings:

@@ -159,11 +159,15 @@ class CaptureAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # SDPA's default scale is 1/sqrt(d), which is attn.scale for every SD cross-attention layer.
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+        # SDPA's default scale is 1/sqrt(d), which is attn.scale for every SD cross-attention layer. It
+        # is applied to the keys ([B, H, L, d], L = 77) rather than to the scores ([B, H, N, L]): one
+        # pass less over the largest tensor of the layer.
+        scores = torch.matmul(query, key.transpose(-1, -2) * attn.scale)  # [B, H, N, L]
         if attention_mask is not None:
             scores = scores + attention_mask
-        probs = scores.float().softmax(dim=-1)
+        # One kernel: the up-cast to float32 happens inside the softmax (no float32 copy of the scores
+        # is materialised under bf16/fp16 autocast), and autograd keeps only its output.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
 
         kept = probs
@@ -200,6 +204,9 @@ class AttentionCapture:
             classifier-free-guidance batch).
         columns: keep only these token columns (``[K]`` long) of each map, to save memory; the
             softmax still runs over all ``L`` tokens.
+
+    Under gradient checkpointing, call ``backward`` before leaving the context: the recomputation in
+    the backward pass runs whichever processors are installed at that moment.
     """
 
     def __init__(
@@ -250,6 +257,10 @@ class AttentionCapture:
     def columns(self, columns: torch.Tensor | Iterable[int] | None) -> None:
         if columns is not None and not isinstance(columns, torch.Tensor):
             columns = torch.as_tensor(list(columns), dtype=torch.long)
+        if columns is not None:
+            # K changes from batch to batch: tell torch.compile up front, so that a compiled UNet is
+            # traced once with a symbolic K instead of once per K.
+            torch._dynamo.maybe_mark_dynamic(columns, 0)
         self.store.columns = columns
 
     @property

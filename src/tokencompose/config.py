@@ -145,6 +145,16 @@ class TrainConfig:
     """Mixed precision through Accelerate; falls back to fp32 where autocast is unsupported."""
     grad_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (less memory, ~30% more compute)."""
+    compile: bool = False
+    """``torch.compile`` the UNet in place (``nn.Module.compile``; weights and checkpoints unchanged). The
+    supervised processors trace without graph breaks; under ``grad_checkpointing`` their map store is a side
+    effect inside a checkpointed block, which torch.compile runs eagerly between compiled regions."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """``torch.compile`` mode (``reduce-overhead`` and ``max-autotune`` use CUDA graphs)."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend (``eager`` / ``aot_eager`` trace without generating code: for debugging)."""
+    channels_last: bool = False
+    """UNet weights in channels-last memory format (faster convolutions on recent GPUs)."""
     seed: int = 0
     """Seeds model init (tiny), data order, noise, timesteps and every library RNG."""
     deterministic: bool = False

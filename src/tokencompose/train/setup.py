@@ -92,12 +92,27 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
         unet.enable_gradient_checkpointing()
     unet.train()
     unet.to(device)
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # In place: the module keeps its class, parameter names and hooks (AttentionCapture's
+        # processors and pre-hook are installed later, before the first forward, and get traced).
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        unet.compile(backend=cfg.train.compile_backend, mode=mode)
     return [p for p in unet.parameters() if p.requires_grad]
 
 
 def build_optimizer(params: list[Any], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over parameters or parameter groups (groups may set their own weight decay)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    """AdamW over parameters or parameter groups (groups may set their own weight decay).
+
+    Fused (one kernel for the whole update) when every parameter is on a CUDA device.
+    """
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.is_cuda for p in tensors)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=fused or None
+    )
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

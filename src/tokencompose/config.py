@@ -147,8 +147,8 @@ class TrainConfig:
     """Recompute UNet activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
     """``torch.compile`` the UNet in place (``nn.Module.compile``; weights and checkpoints unchanged). The
-    supervised processors trace without graph breaks; under ``grad_checkpointing`` their map store is a side
-    effect inside a checkpointed block, which torch.compile runs eagerly between compiled regions."""
+    capture processors trace without graph breaks, also under ``grad_checkpointing`` (the trainer tells
+    Dynamo not to replay the map store in the recomputation)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """``torch.compile`` mode (``reduce-overhead`` and ``max-autotune`` use CUDA graphs)."""
     compile_backend: str = "inductor"

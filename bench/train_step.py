@@ -10,8 +10,13 @@ UNet forward + backward + AdamW step on random latents, per configuration:
 
     python bench/train_step.py --batch 1 8 32 64 --precision bf16 [--compile] [--grad-ckpt] [--arch sd21]
     python bench/train_step.py --tiny            # CPU smoke run: tiny UNet, one timed step each
+    python bench/train_step.py --px 256 --batch 1 --steps 1 --warmup 0   # CPU pre-flight of the real sizes
 
-Prints samples/s, ms/step and peak GPU memory per row, and the ratios (b)/(a) and (b)/(c).
+Prints samples/s, ms/step, peak GPU memory and (compiled rows) the number of graphs per row, and the
+ratios (b)/(a) and (b)/(c). With ``--json`` every row is written as soon as it is measured, so a run
+cut short keeps what it measured; ``--budget-s`` stops starting new rows after that many seconds.
+Both (a) and (b) use what the trainer uses: AdamW fused on CUDA, Dynamo's compile cache reset per
+row (a row never inherits another's graphs or hits the recompile limit).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
-from tokencompose.attention import AttentionCapture, select_layers
+from tokencompose.attention import AttentionCapture, no_store_replay_under_checkpoint, select_layers
+from tokencompose.config import OptimConfig
 from tokencompose.losses import column_subset, grounding_losses
 from tokencompose.masks import masks_at_resolutions
 from tokencompose.tokens import pad_token_positions
+from tokencompose.train.setup import build_optimizer
 
 SD14 = dict(
     sample_size=64,
@@ -67,19 +75,29 @@ class Row:
     precision: str
     compile: bool
     ckpt: bool
-    ms: float
-    sps: float
-    mem_gib: float
+    ms: float = float("nan")
+    sps: float = float("nan")
+    mem_gib: float = float("nan")
+    columns: bool = False
+    channels_last: bool = False
+    graphs: int | None = None  # Dynamo graphs of the compiled UNet (1 = no graph break)
+    error: str = ""
 
 
-def build_unet(arch: str, tiny: bool, device: torch.device):
+def build_unet(arch: str, tiny: bool, device: torch.device, px: int | None = None):
+    """Random-init UNet of the SD 1.4 / SD 2.1 architecture (or the tests' tiny one); ``px`` overrides
+    the image size (latent = px / 8) for a quick pre-flight on a CPU."""
     from diffusers import UNet2DConditionModel
 
     if tiny:
         from tokencompose.models import tiny_unet_config
 
-        return UNet2DConditionModel(**tiny_unet_config()).to(device)
-    return UNet2DConditionModel(**(SD21 if arch == "sd21" else SD14)).to(device)
+        config = tiny_unet_config()
+    else:
+        config = dict(SD21 if arch == "sd21" else SD14)
+    if px:
+        config["sample_size"] = px // 8
+    return UNet2DConditionModel(**config).to(device)
 
 
 def make_batch(unet, batch: int, device, phrases: int = 3):
@@ -105,13 +123,16 @@ def run(
     warmup: int,
     device,
     columns: bool = False,
-):
+    channels_last: bool = False,
+) -> Row:
+    torch._dynamo.reset()  # a fresh compile cache: no graphs (or recompile budget) from an earlier row
     if ckpt:
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    opt = build_optimizer(list(unet.parameters()), OptimConfig(lr=1e-6))
     x, t, ctx, index, valid, masks_img = make_batch(unet, batch, device)
     cols = None
     if columns:  # keep only the supervised token columns of each captured map (loss.capture_columns)
@@ -119,7 +140,13 @@ def run(
         cols, index = cols.to(device), index.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    model = torch.compile(unet) if use_compile else unet
+    counter = None
+    model = unet
+    if use_compile:
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        counter = CompileCounterWithBackend("inductor" if device.type == "cuda" else "aot_eager")
+        model = torch.compile(unet, backend=counter)
     masks = None
     store: dict = {}
     original = dict(unet.attn_processors)
@@ -153,20 +180,57 @@ def run(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
+    # As the trainer: the map store must not repeat in a checkpointed block's recomputation, so Dynamo
+    # need not replay it there (otherwise every checkpointed block with a capture is a graph break).
+    no_replay = no_store_replay_under_checkpoint()
+    with no_replay:
+        for _ in range(warmup):
+            step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    with no_replay:
+        for _ in range(steps):
+            step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     unet.set_attn_processor(original)
-    return Row(mode, batch, precision, use_compile, ckpt, dt * 1e3, batch / dt, mem)
+    graphs = counter.frame_count if counter is not None else None
+    return Row(mode, batch, precision, use_compile, ckpt, dt * 1e3, batch / dt, mem, columns, channels_last, graphs)
+
+
+def print_table(rows: list[Row], header: str) -> None:
+    print(header)
+    print(
+        "| mode | batch | precision | compile | grad ckpt | ms/step | samples/s | peak GiB | graphs | ours/plain |",
+        end="",
+    )
+    print(" ours/paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    paper = next((r for r in rows if r.mode == "paper" and not r.error), None)
+    for r in rows:
+        if r.error:
+            print(f"| {r.mode} | {r.batch} | {r.precision} | {r.compile} | {r.ckpt} | {r.error} | | | | | |")
+            continue
+        key = (r.batch, r.compile, r.ckpt, r.channels_last)
+        plain = next(
+            (
+                p
+                for p in rows
+                if p.mode == "plain" and not p.error and (p.batch, p.compile, p.ckpt, p.channels_last) == key
+            ),
+            None,
+        )
+        vs_plain = f"{r.sps / plain.sps:.3f}" if r.mode == "ours" and plain else ""
+        vs_paper = f"{r.sps / paper.sps:.1f}x" if r.mode == "ours" and paper else ""
+        graphs = "" if r.graphs is None else str(r.graphs)
+        print(
+            f"| {r.mode}{' (columns)' if r.columns else ''} | {r.batch} | {r.precision} | {r.compile} | {r.ckpt} | "
+            f"{r.ms:.1f} | {r.sps:.2f} | {r.mem_gib:.2f} | {graphs} | {vs_plain} | {vs_paper} |"
+        )
 
 
 def main() -> None:
@@ -175,53 +239,68 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    ap.add_argument("--compile-only", action="store_true", help="time only the torch.compile variants")
     ap.add_argument("--grad-ckpt", action="store_true", help="also time gradient-checkpointed variants")
+    ap.add_argument("--ckpt-only", action="store_true", help="time only the gradient-checkpointed variants")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights in channels-last format")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--px", type=int, help="image size (default: the architecture's, 512 / 768)")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-design baseline")
     ap.add_argument("--columns", action="store_true", help="(b) captures only the supervised token columns")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no new row after this many s")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet on CPU, one timed step (smoke run)")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--json", help="write the rows to this JSON file (rewritten after every row)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         args.batch, args.steps, args.warmup, args.precision = [2], 1, 1, "fp32"
-    unet = build_unet(args.arch, args.tiny, device)
+    unet = build_unet(args.arch, args.tiny, device, args.px)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    header = (
+        f"device: {name}; torch {torch.__version__}; arch {args.arch}{' (tiny)' if args.tiny else ''}; "
+        f"{unet.config.sample_size * 8} px; channels_last {args.channels_last}; {time.strftime('%Y-%m-%d')}"
+    )
     rows: list[Row] = []
-    for use_compile in [False, True] if args.compile else [False]:
-        for ckpt in [False, True] if args.grad_ckpt else [False]:
+    start = time.perf_counter()
+
+    def measure(mode: str, batch: int, precision: str, use_compile: bool, ckpt: bool) -> None:
+        cols = args.columns and mode == "ours"
+        if time.perf_counter() - start > args.budget_s:
+            rows.append(Row(mode, batch, precision, use_compile, ckpt, columns=cols, error="skipped (budget)"))
+        else:
+            try:
+                rows.append(
+                    run(mode, unet, batch, precision, use_compile, ckpt, args.steps, args.warmup, device,
+                        cols, args.channels_last)
+                )  # fmt: skip
+            except torch.OutOfMemoryError:
+                rows.append(Row(mode, batch, precision, use_compile, ckpt, columns=cols, error="out of memory"))
+            except Exception as e:  # keep measuring the other rows; the reason is in the table
+                rows.append(
+                    Row(mode, batch, precision, use_compile, ckpt, columns=cols, error=f"{type(e).__name__}: {e}"[:200])
+                )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r = rows[-1]
+        print(
+            f"{r.mode} batch {r.batch} compile {r.compile} ckpt {r.ckpt}: " + (r.error or f"{r.sps:.2f} samples/s"),
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "header": header, "rows": [x.__dict__ for x in rows]}, f, indent=2)
+
+    compiles = [True] if args.compile_only else [False, True] if args.compile else [False]
+    ckpts = [True] if args.ckpt_only else [False, True] if args.grad_ckpt else [False]
+    if not args.no_paper:  # first: the baseline every "ours" row is compared with
+        measure("paper", 1, "fp32", False, True)
+    for use_compile in compiles:
+        for ckpt in ckpts:
             for b in args.batch:
                 for mode in ("plain", "ours"):
-                    try:
-                        rows.append(
-                            run(mode, unet, b, args.precision, use_compile, ckpt, args.steps, args.warmup, device)
-                        )
-                    except torch.OutOfMemoryError:
-                        print(f"{mode} batch {b}: out of memory")
-                        torch.cuda.empty_cache()
-    if not args.no_paper:
-        rows.append(run("paper", unet, 1, "fp32", False, True, args.steps, args.warmup, device))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; arch {args.arch}{' (tiny)' if args.tiny else ''}")
-    print(
-        "| mode | batch | precision | compile | grad ckpt | ms/step | samples/s | peak GiB | ours/plain | ours/paper |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    paper = next((r for r in rows if r.mode == "paper"), None)
-    for r in rows:
-        plain = next(
-            (p for p in rows if p.mode == "plain" and (p.batch, p.compile, p.ckpt) == (r.batch, r.compile, r.ckpt)),
-            None,
-        )
-        vs_plain = f"{r.sps / plain.sps:.3f}" if r.mode == "ours" and plain else ""
-        vs_paper = f"{r.sps / paper.sps:.1f}x" if r.mode == "ours" and paper else ""
-        print(
-            f"| {r.mode} | {r.batch} | {r.precision} | {r.compile} | {r.ckpt} | {r.ms:.1f} | {r.sps:.2f} | "
-            f"{r.mem_gib:.2f} | {vs_plain} | {vs_paper} |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "rows": [r.__dict__ for r in rows]}, f, indent=2)
+                    measure(mode, b, args.precision, use_compile, ckpt)
+    print_table(rows, header)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from tokencompose.attention import AttentionCapture
+from tokencompose.attention import AttentionCapture, no_store_replay_under_checkpoint
 from tokencompose.losses import grounding_losses
 from tokencompose.tokens import pad_token_positions
 
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_under_compile_is_one_graph_and_correct(tiny):
 
     eager_loss, eager_grads, groups = objective(unet)
     counter = CompileCounterWithBackend("aot_eager")
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+    with no_store_replay_under_checkpoint():
         compiled_loss, compiled_grads, compiled_groups = objective(torch.compile(unet, backend=counter))
     assert counter.frame_count == 1  # no graph break
     assert groups == compiled_groups

@@ -19,6 +19,7 @@ Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
@@ -188,6 +189,21 @@ class CaptureAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def no_store_replay_under_checkpoint() -> contextlib.AbstractContextManager:
+    """Context for compiling a captured UNet with gradient checkpointing as one graph.
+
+    A map is stored inside its transformer block; under checkpointing that store is a side effect in
+    a checkpointed region, which Dynamo answers with a graph break unless told not to replay it in the
+    backward recomputation (``skip_fwd_side_effects_in_bwd_under_checkpoint``). Not replaying it is
+    exactly this store's first-write-wins rule. A no-op on torch versions without that setting.
+    """
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+
+
 class AttentionCapture:
     """Context manager: capture cross-attention probabilities on chosen layers of a UNet.
 
@@ -260,7 +276,9 @@ class AttentionCapture:
         if columns is not None:
             # K changes from batch to batch: tell torch.compile up front, so that a compiled UNet is
             # traced once with a symbolic K instead of once per K.
-            torch._dynamo.maybe_mark_dynamic(columns, 0)
+            mark = getattr(torch._dynamo, "maybe_mark_dynamic", None)  # absent from old torch
+            if mark is not None:
+                mark(columns, 0)
         self.store.columns = columns
 
     @property

@@ -221,11 +221,10 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     writer = MetricsWriter(run_dir, cfg.log.tensorboard, state.step) if main else None
     try:
         with contextlib.ExitStack() as stack:
-            if cfg.train.compile:
-                # The capture stores each map inside its (maybe checkpointed) block; the recomputation in
-                # the backward pass must not store again (first-write-wins), so Dynamo need not replay
-                # that side effect, and the checkpointed UNet compiles as one graph instead of breaking.
-                stack.enter_context(torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True))
+            if cfg.train.compile:  # a checkpointed, captured UNet compiles as one graph
+                from tokencompose.attention import no_store_replay_under_checkpoint
+
+                stack.enter_context(no_store_replay_under_checkpoint())
             capture = None
             if weights.grounding:  # lambda = gamma = 0: no capturing processor at all
                 from tokencompose.attention import AttentionCapture

@@ -13,6 +13,7 @@ its samples/s with the same TokenCompose step timed on device-resident random te
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--images", type=int, default=512, help="shapes scenes to render and cache")
+    ap.add_argument("--compile", action="store_true", help="train.compile=true in the loop, compiled bare step")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both")
+    ap.add_argument("--columns", action="store_true", help="loss.capture_columns=true in both")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke run)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -86,7 +90,10 @@ def main() -> None:
                     "grad_accum": 1,
                     "max_steps": args.steps,
                     "precision": args.precision,
+                    "compile": args.compile,
+                    "grad_checkpointing": args.grad_ckpt,
                 },
+                "loss": {"capture_columns": args.columns},
                 "optim": {"lr": 1e-6},
                 "log": {"every": max(1, args.steps // 6), "tensorboard": False, "curves": False, "progress": False},
                 "checkpoint": {"every": 10**6, "keep_last": 1},
@@ -96,16 +103,27 @@ def main() -> None:
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
         loop_sps = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:] or [rows[-1]["samples_per_s"]]
         loop = sorted(loop_sps)[len(loop_sps) // 2]  # median of the log intervals after the first (warm-up)
+    gc.collect()  # the trainer's own copies of the models
+    if gpu:
+        torch.cuda.empty_cache()
     unet = comps.unet.to(device)
-    step = train_step.run("ours", unet, args.batch, args.precision, False, False, max(3, args.steps // 4), 2, device)
+    warm = 5 if args.compile else 2  # the loop's median also leaves out its first (compiling) interval
+    step = train_step.run(
+        "ours", unet, args.batch, args.precision, args.compile, args.grad_ckpt, max(3, args.steps // 4), warm, device,
+        args.columns,
+    )  # fmt: skip
     name = torch.cuda.get_device_name() if gpu else "cpu"
     gap = 1 - loop / step.sps
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.precision}")
+    print(
+        f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.precision}; compile {args.compile}; "
+        f"grad ckpt {args.grad_ckpt}; columns {args.columns}; workers {args.workers}"
+    )
     print(
         f"real loop on cached latents: {loop:.2f} samples/s; bare step: {step.sps:.2f} samples/s; gap {100 * gap:.1f}%"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "loop_sps": loop, "step_sps": step.sps, "gap": gap}))
+        figures = {"device": name, "loop_sps": loop, "step_sps": step.sps, "gap": gap, **vars(args)}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ classic (non-SDPA) attention processor, one generator per image, PNG saved with 
 
     python bench/generation.py --tiny                      # CPU, tiny random-init model, 64 px
     python bench/generation.py --model PATH --device cuda  # a real SD 1.x folder, 512 px, 50 PNDM steps
+    python bench/generation.py --random-sd14 --device cuda # SD 1.4 architecture, random weights (no download)
+
+Speed does not depend on the weights: ``--random-sd14`` measures what SD 1.4 would, with noise for images.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers-layout SD folder")
     ap.add_argument("--tiny", action="store_true", help="tiny random-init model (CPU smoke numbers)")
+    ap.add_argument("--random-sd14", action="store_true", help="SD 1.4 architecture with random weights")
+    ap.add_argument("--json", help="also write the row to this JSON file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompts", type=int, default=4, help="first N MultiGen COCO prompts")
     ap.add_argument("--images-per-prompt", type=int, default=None)
@@ -95,11 +100,20 @@ def main() -> None:
         model = str(Path(tmp.name) / "tiny")
         tiny_components(seed=0).save(model)
         defaults = dict(steps=10, resolution=64, images_per_prompt=4)
+    elif args.random_sd14:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sd_arch import sd14_components
+
+        model = str(Path(tmp.name) / "sd14_random")
+        sd14_components(seed=0).save(model)
+        defaults = dict(steps=50, resolution=512, images_per_prompt=10)
     elif args.model:
         model = args.model
         defaults = dict(steps=50, resolution=512, images_per_prompt=10)
     else:
-        ap.error("pass --model PATH or --tiny")
+        ap.error("pass --model PATH, --random-sd14 or --tiny")
     steps = args.steps or defaults["steps"]
     res = args.resolution or defaults["resolution"]
     n_img = args.images_per_prompt or defaults["images_per_prompt"]
@@ -112,7 +126,7 @@ def main() -> None:
     t_ours = ours(model, prompts, settings, our_dir, device, args.batch_size, args.dtype)
     row = {
         "device": device_description(device),
-        "model": "tiny random-init" if args.tiny else model,
+        "model": "tiny random-init" if args.tiny else "SD 1.4 architecture, random init" if args.random_sd14 else model,
         "images": total,
         "steps": steps,
         "resolution": res,
@@ -124,6 +138,8 @@ def main() -> None:
         "speedup": round(t_base / t_ours, 2),
     }
     print(json.dumps(row))
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2))
     tmp.cleanup()
 
 

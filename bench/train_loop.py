@@ -23,26 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the step benchmark, same folder)
-
-
-def sd14_components(device: torch.device):
-    """SD 1.4-architecture parts with random weights (no download)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tokencompose.models import Components, clip_tokenizer
-
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    return Components(UNet2DConditionModel(**train_step.SD14), vae, text, clip_tokenizer(), sched)
+from sd_arch import sd14_components  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +49,7 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     if args.tiny:
         args.batch, args.steps, args.workers, args.images, args.precision = 4, 6, 0, 16, "fp32"
-    comps = tiny_components() if args.tiny else sd14_components(device)
+    comps = tiny_components() if args.tiny else sd14_components()
     size = 64 if args.tiny else 512
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

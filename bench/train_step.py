@@ -24,32 +24,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_arch import SD14, SD21  # noqa: E402  (this folder)
 from tokencompose.attention import AttentionCapture, no_store_replay_under_checkpoint, select_layers
 from tokencompose.config import OptimConfig
 from tokencompose.losses import column_subset, grounding_losses
 from tokencompose.masks import masks_at_resolutions
 from tokencompose.tokens import pad_token_positions
 from tokencompose.train.setup import build_optimizer
-
-SD14 = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-SD21 = dict(
-    SD14, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
-)
 
 
 class StoreEverything:
@@ -153,17 +144,17 @@ def run(
     supervised = select_layers(unet)
     if mode == "paper":
         unet.set_attn_processor({k: StoreEverything(k.removesuffix(".processor"), store) for k in original})
+    # As the trainer: one capture for the whole run. (Leaving it before backward would make gradient
+    # checkpointing recompute the supervised blocks with the fused processors.)
+    cap = AttentionCapture(unet, columns=cols) if mode == "ours" else None
 
     def step():
         nonlocal masks
         store.clear()
         with amp:
-            if mode == "ours":
-                with AttentionCapture(unet, columns=cols) as cap:
-                    pred = model(x, t, ctx).sample
-                    maps = cap.by_size()
-            else:
-                pred = model(x, t, ctx).sample
+            pred = model(x, t, ctx).sample
+            if cap is not None:
+                maps = cap.by_size()
             loss = F.mse_loss(pred.float(), x.float())
             if mode in ("ours", "paper"):
                 if mode == "paper":  # the supervised maps are among the stored ones
@@ -179,23 +170,26 @@ def run(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cap is not None:
+            cap.clear()
 
-    # As the trainer: the map store must not repeat in a checkpointed block's recomputation, so Dynamo
-    # need not replay it there (otherwise every checkpointed block with a capture is a graph break).
-    no_replay = no_store_replay_under_checkpoint()
-    with no_replay:
+    with contextlib.ExitStack() as stack:
+        if cap is not None:
+            stack.enter_context(cap)
+        # As the trainer: the map store must not repeat in a checkpointed block's recomputation, so Dynamo
+        # need not replay it there (otherwise every checkpointed block with a capture is a graph break).
+        stack.enter_context(no_store_replay_under_checkpoint())
         for _ in range(warmup):
             step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with no_replay:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     unet.set_attn_processor(original)
     graphs = counter.frame_count if counter is not None else None

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_bench_script_tiny(script, tmp_path):
     args = [sys.executable, str(BENCH / script), "--tiny"]
     if script == "train_step.py":
-        args += ["--json", str(tmp_path / "rows.json")]
+        args += ["--grad-ckpt", "--json", str(tmp_path / "rows.json")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "device: cpu" in proc.stdout
@@ -24,4 +24,5 @@ def test_bench_script_tiny(script, tmp_path):
 
         rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
         assert {r["mode"] for r in rows} == {"plain", "ours", "paper"}
-        assert all(r["sps"] > 0 for r in rows)
+        assert {r["ckpt"] for r in rows if r["mode"] == "ours"} == {False, True}
+        assert all(not r["error"] and r["sps"] > 0 for r in rows), rows

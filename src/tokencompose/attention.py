@@ -222,7 +222,8 @@ class AttentionCapture:
             softmax still runs over all ``L`` tokens.
 
     Under gradient checkpointing, call ``backward`` before leaving the context: the recomputation in
-    the backward pass runs whichever processors are installed at that moment.
+    the backward pass runs whichever processors are installed at that moment (torch's checkpoint then
+    stops with a ``CheckpointError`` about recomputed values).
     """
 
     def __init__(

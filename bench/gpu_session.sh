@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared GPU session for the performance figures of bench/RESULTS.md (H100 / H200, ~9 minutes).
+#
+# The device machines have torch, transformers, accelerate and peft but not diffusers: carry it as wheels.
+# Prepare here, once, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# then run this script through the device tool: carry [".whl"], timeout_s 580, command `bash bench/gpu_session.sh`.
+#
+# Steps run in order of importance, each under its own time limit; every step writes its JSON (and
+# the log) to $OUT as it goes, so a step cut short keeps the rows it measured. Dry run on a CPU, tiny
+# models, a few minutes: TINY=1 OUT=/tmp/gpu_out bash bench/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+LOG=$OUT/session.log
+exec > >(tee -a "$LOG") 2>&1
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+
+if [ "${TINY:-0}" = 1 ]; then  # CPU dry run: every step, tiny sizes
+    STEP="--tiny"; LOOP="--tiny"; LOSS="--tiny"; GEN="--tiny --prompts 1 --images-per-prompt 2 --steps 2"
+    STEP_ARGS="$STEP"; CKPT_ARGS="$STEP --grad-ckpt --ckpt-only --no-paper"; COMPILE_ARGS="$STEP --compile-only --no-paper"
+    COLUMNS_ARGS="$STEP --columns --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
+else
+    LOOP="--batch 32 --steps 60 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 8 --images-per-prompt 4 --batch-size 16"
+    STEP_ARGS="--batch 1 8 32 64 --steps 10 --warmup 3"
+    CKPT_ARGS="--batch 8 32 --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
+    COMPILE_ARGS="--batch 32 --compile-only --channels-last --no-paper --steps 10 --warmup 3"
+    COLUMNS_ARGS="--batch 32 64 --columns --no-paper --steps 10 --warmup 3"
+    COMPILE_CKPT_ARGS="--batch 32 --compile-only --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run one measurement under its own limit, never stop the session
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" || echo "=== $name: exit $?"
+}
+
+# (a) plain vs (b) ours at batch 1/8/32/64, bf16, eager; (c) the paper's design: the issue's core table.
+step train_step 150 python3 bench/train_step.py $STEP_ARGS --json "$OUT/train_step.json"
+# batch 8 (and 32) with gradient checkpointing: the 24 GiB target.
+step train_step_ckpt 60 python3 bench/train_step.py $CKPT_ARGS --json "$OUT/train_step_ckpt.json"
+# torch.compile + channels-last at batch 32: the >= 150 samples/s target (compilation takes most of it).
+step train_step_compile 150 python3 bench/train_step.py $COMPILE_ARGS --json "$OUT/train_step_compile.json"
+# capture of the supervised token columns only.
+step train_step_columns 45 python3 bench/train_step.py $COLUMNS_ARGS --json "$OUT/train_step_columns.json"
+# the real loop on cached latents vs the bare step (<= 5% gap).
+step train_loop 120 python3 bench/train_loop.py $LOOP --json "$OUT/train_loop.json"
+# batched losses vs a per-token loop.
+step losses 20 python3 bench/losses.py $LOSS
+# MultiGen generation throughput (random SD 1.4 weights: the speed of the real ones).
+step generation 60 python3 bench/generation.py $GEN --json "$OUT/generation.json"
+# compile with gradient checkpointing (one graph thanks to no_store_replay_under_checkpoint), if time is left.
+step train_step_compile_ckpt 100 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$OUT/train_step_compile_ckpt.json"
+date -u

@@ -1,0 +1,45 @@
+"""The Stable Diffusion 1.4 / 2.1 architectures with random weights, for benchmarks that need no download.
+
+Throughput and memory depend on the architecture and the tensor sizes, not on the weights, so a
+random-init model of the real shapes measures what the real checkpoint would (its images are noise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# UNet2DConditionModel arguments of SD 1.4 (860M parameters, 512 px) and SD 2.1 (865M, 768 px).
+SD14: dict[str, Any] = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD21: dict[str, Any] = dict(
+    SD14, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+)
+
+
+def sd14_components(seed: int = 0):
+    """SD 1.4-architecture UNet, VAE, CLIP text encoder (ViT-L/14 text tower), tokenizer and scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tokencompose.models import Components, clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return Components(UNet2DConditionModel(**SD14), vae, text, clip_tokenizer(), sched)

@@ -79,6 +79,16 @@ def test_stale_caches_are_refused(data, cache, tok, tmp_path):
         TokenDataset(recs[::-1], tok, image_size=32, latent_cache=cache)
     with pytest.raises(StaleCacheError, match="5 cached records != 4"):
         TokenDataset(recs[:4], tok, image_size=32, latent_cache=cache)
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(R.read_jsonl(data)[0].image.rsplit("/", 1)[0], edited)  # the same names elsewhere: valid
+    moved = [R.Record(str(edited / r.image.rsplit("/", 1)[1]), r.caption, r.phrases) for r in recs]
+    c.check(records=moved)
+    with open(moved[2].image, "ab") as f:  # an image replaced by another file under the same name
+        f.write(b"\0" * 16)
+    with pytest.raises(StaleCacheError, match="file sizes"):
+        c.check(records=moved)
     with pytest.raises(ValueError, match="flip"):
         TokenDataset(data, tok, image_size=32, latent_cache=cache, flip=True)
     with pytest.raises(FileNotFoundError, match="not a latent cache"):

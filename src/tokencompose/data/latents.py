@@ -28,7 +28,7 @@ from tokencompose.data import records as R
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the record fingerprint includes file sizes
 CROP = "resize-shorter-side+center-crop"
 
 
@@ -51,10 +51,19 @@ def vae_fingerprint(vae: Any) -> str:
 
 
 def records_fingerprint(images: Sequence[str]) -> str:
-    """Hash of the image file names in order (folder moves keep the cache valid; renames do not)."""
+    """Hash of the image file names and byte sizes, in order.
+
+    Moving the folder keeps the cache valid; renaming, reordering or replacing an image (a new file
+    of another size) does not. One ``stat`` per image, no reading: an edit that keeps the byte size
+    exactly goes unnoticed.
+    """
     h = hashlib.sha256()
     for path in images:
-        h.update(os.path.basename(path).encode() + b"\0")
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1  # unreadable now (and marked missing in the cache if it was then)
+        h.update(os.path.basename(path).encode() + f"\0{size}\0".encode())
     return h.hexdigest()[:32]
 
 
@@ -186,7 +195,7 @@ class LatentCache:
         if num_records is not None and m["num_records"] != int(num_records):
             problems.append(f"{m['num_records']} cached records != {num_records} records in the dataset")
         if records is not None and m["records"] != records_fingerprint(_image_list(records)):
-            problems.append("the record list (image names or order) changed")
+            problems.append("the record list (image names, order or file sizes) changed")
         if vae is not None and m["vae"] != vae_fingerprint(vae):
             problems.append(f"built with another VAE ({m['vae_class']} {m['vae'][:12]}...)")
         if problems:

@@ -14,8 +14,6 @@ type and range-checked; an error names the dotted key (and suggests the closest 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,15 +22,12 @@ from typing import Any, Literal
 
 import yaml
 
+from tokencompose.typed_data import ConfigError, build_dataclass, merge, parse_override, to_dict, unknown_key
+
+__all__ = ["Config", "ConfigError", "build_dataclass", "dump_yaml", "load_config", "parse_override", "preset_names",
+           "save_config", "to_dict", "validate"]  # fmt: skip
+
 Precision = Literal["fp32", "fp16", "bf16"]
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; ``key`` is the dotted name."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config key '{key}': {message}")
-        self.key = key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,117 +255,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# --------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with typed parsing.
-# --------------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _parse(value: Any, tp: Any, key: str) -> Any:
-    """Parse ``value`` (YAML data or an override string already YAML-parsed) to type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_null and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _parse(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin in (list, tuple):
-        if isinstance(value, str):  # "mid,up" on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
-            return tuple(_parse(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        return origin(_parse(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    return value
-
-
-def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-    return ConfigError(key, f"unknown key{hint}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in names:
-            raise _unknown(key, str(name), names)
-        kwargs[name] = _parse(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Any schema dataclass from plain data, with the same typed parsing and key errors (no range checks)."""
-    return _build(cls, data, prefix)
-
-
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from nested plain data (unknown keys rejected)."""
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}")
-    return validate(_build(Config, data))
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested data (tuples as lists) for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return validate(build_dataclass(Config, data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,13 +286,6 @@ def resolve_source(source: str | Path, relative_to: Path | None = None) -> Path:
     raise FileNotFoundError(f"no config file {str(source)!r} and no preset of that name (presets: {preset_names()})")
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_yaml(source: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config file, following ``extends:`` chains, -> merged plain data (not yet validated)."""
     path = resolve_source(source) if not _seen else resolve_source(source, _seen[-1].parent)
@@ -418,25 +300,12 @@ def load_yaml(source: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         return data
     if not isinstance(base, str):
         raise ConfigError("extends", f"must be a preset name or a path, got {base!r}")
-    return _merge(load_yaml(base, (*_seen, path)), data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(key or text, f"override {text!r} is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    return merge(load_yaml(base, (*_seen, path)), data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in plain data; the key path is checked against the schema here."""
-    data = _merge({}, data)
+    data = merge({}, data)
     for text in overrides:
         parts, value = parse_override(text)
         cls: Any = Config
@@ -445,7 +314,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             key = ".".join(parts[: i + 1])
             fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
             if part not in fields:
-                raise _unknown(key, part, list(fields)) if fields else ConfigError(key, "is not a section")
+                raise unknown_key(key, part, list(fields)) if fields else ConfigError(key, "is not a section")
             tp = typing.get_type_hints(cls)[part]
             if i == len(parts) - 1:
                 node[part] = value
@@ -464,9 +333,9 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
     if source is None:
         data: dict[str, Any] = {}
     elif isinstance(source, dict):
-        data = _merge({}, source)
+        data = merge({}, source)
         if "extends" in data:
-            data = _merge(load_yaml(data.pop("extends")), data)
+            data = merge(load_yaml(data.pop("extends")), data)
     else:
         data = load_yaml(source)
     return from_dict(apply_overrides(data, list(overrides or [])))

@@ -11,6 +11,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+def test_gpu_session_script_parses():
+    """The one-command GPU session (bench/gpu_session.sh) is at least valid bash."""
+    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("script", ["losses.py", "train_step.py", "train_loop.py"])
 def test_bench_script_tiny(script, tmp_path):
     args = [sys.executable, str(BENCH / script), "--tiny"]

@@ -140,3 +140,17 @@ def test_v_prediction_target():
     assert torch.equal(prediction_target(sched, x, eps, t), sched.get_velocity(x, eps, t))
     sched.register_to_config(prediction_type="epsilon")
     assert prediction_target(sched, x, eps, t) is eps
+
+
+def test_optimizer_groups_may_hold_generators_and_fuse_only_on_cuda():
+    from tokencompose.config import OptimConfig
+    from tokencompose.train.setup import build_optimizer
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = build_optimizer(
+        [{"params": a.parameters(), "weight_decay": 0.0}, {"params": iter(b.parameters()), "weight_decay": 0.1}],
+        OptimConfig(lr=1e-3),
+    )
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]  # not consumed by the device check
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
+    assert not opt.defaults["fused"]  # CPU parameters: the default (foreach / for-loop) implementation

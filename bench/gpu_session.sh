@@ -6,8 +6,9 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
-# then run this script through the device tool: carry [".whl"], timeout_s 590, command `bash bench/gpu_session.sh`
-# (BUDGET=540 seconds by default: with a machine start of 1-2 minutes, about 11 of a session's 15).
+# then run this script through the device tool: carry [".whl"], timeout_s 595, command `bash bench/gpu_session.sh`
+# (BUDGET=570 seconds by default: with a machine start of 1-2 minutes, about 12 of a session's 15;
+# the last steps are skipped when the budget is spent, so a later call can run them with STEPS=...).
 #
 # Steps run in order of importance, each under its own time limit; every step writes its JSON (and
 # the log) to $OUT as it goes, so a step cut short keeps the rows it measured. Dry run on a CPU, tiny
@@ -34,18 +35,19 @@ if [ "${TINY:-0}" = 1 ]; then  # CPU dry run: every step, tiny sizes
     STEP_ARGS="$STEP"; CKPT_ARGS="$STEP --grad-ckpt --ckpt-only --no-paper"; COMPILE_ARGS="$STEP --compile-only --no-paper"
     COLUMNS_ARGS="$STEP --columns --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
 else
-    LOOP="--batch 32 --steps 60 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 8 --images-per-prompt 4 --batch-size 16"
-    STEP_ARGS="--batch 1 8 32 64 --steps 10 --warmup 3"
+    LOOP="--batch 32 --steps 48 --images 256 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 2 --images-per-prompt 4 --batch-size 8"
+    STEP_ARGS="--batch 1 8 32 64 --steps 8 --warmup 2"
     CKPT_ARGS="--batch 8 32 --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
     COMPILE_ARGS="--batch 32 --compile-only --channels-last --no-paper --steps 10 --warmup 3"
-    COLUMNS_ARGS="--batch 32 64 --columns --no-paper --steps 10 --warmup 3"
+    COLUMNS_ARGS="--batch 32 --columns --no-paper --steps 8 --warmup 2"
     COMPILE_CKPT_ARGS="--batch 32 --compile-only --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
 fi
 
-BUDGET=${BUDGET:-540}  # seconds for the whole session; a step gets at most what is left of it
+BUDGET=${BUDGET:-570}  # seconds for the whole session; a step gets at most what is left of it
 step() {  # step NAME SECONDS COMMAND...: run one measurement under its own limit, never stop the session
     local name=$1 limit=$2 left=$((BUDGET - SECONDS - 10))
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi  # STEPS="a b": only those
     if [ "$left" -lt 20 ]; then echo "=== $name: skipped (session budget spent)"; return; fi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s, ${SECONDS}s into the session) $(date -u +%H:%M:%S)"
@@ -53,19 +55,19 @@ step() {  # step NAME SECONDS COMMAND...: run one measurement under its own limi
 }
 
 # (a) plain vs (b) ours at batch 1/8/32/64, bf16, eager; (c) the paper's design: the core table.
-step train_step 140 python3 bench/train_step.py $STEP_ARGS --json "$OUT/train_step.json"
+step train_step 120 python3 bench/train_step.py $STEP_ARGS --json "$OUT/train_step.json"
 # batch 8 (and 32) with gradient checkpointing: the 24 GiB target.
 step train_step_ckpt 50 python3 bench/train_step.py $CKPT_ARGS --json "$OUT/train_step_ckpt.json"
 # torch.compile + channels-last at batch 32: the >= 150 samples/s target (compilation takes most of it).
 step train_step_compile 160 python3 bench/train_step.py $COMPILE_ARGS --json "$OUT/train_step_compile.json"
 # the real loop on cached latents vs the bare step (<= 5% gap).
-step train_loop 100 python3 bench/train_loop.py $LOOP --json "$OUT/train_loop.json"
+step train_loop 150 python3 bench/train_loop.py $LOOP --json "$OUT/train_loop.json"
 # capture of the supervised token columns only.
-step train_step_columns 40 python3 bench/train_step.py $COLUMNS_ARGS --json "$OUT/train_step_columns.json"
+step train_step_columns 30 python3 bench/train_step.py $COLUMNS_ARGS --json "$OUT/train_step_columns.json"
 # batched losses vs a per-token loop.
 step losses 15 python3 bench/losses.py $LOSS
 # MultiGen generation throughput (random SD 1.4 weights: the speed of the real ones).
-step generation 45 python3 bench/generation.py $GEN --json "$OUT/generation.json"
+step generation 75 python3 bench/generation.py $GEN --json "$OUT/generation.json"
 # compile with gradient checkpointing (one graph thanks to no_store_replay_under_checkpoint), if time is left.
 step train_step_compile_ckpt 120 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$OUT/train_step_compile_ckpt.json"
 date -u

@@ -67,7 +67,7 @@ step train_step_columns 30 python3 bench/train_step.py $COLUMNS_ARGS --json "$OU
 # batched losses vs a per-token loop.
 step losses 15 python3 bench/losses.py $LOSS
 # MultiGen generation throughput (random SD 1.4 weights: the speed of the real ones).
-step generation 75 python3 bench/generation.py $GEN --json "$OUT/generation.json"
+step generation 90 python3 bench/generation.py $GEN --json "$OUT/generation.json"
 # compile with gradient checkpointing (one graph thanks to no_store_replay_under_checkpoint), if time is left.
 step train_step_compile_ckpt 120 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$OUT/train_step_compile_ckpt.json"
 date -u

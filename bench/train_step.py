@@ -117,6 +117,7 @@ def run(
     channels_last: bool = False,
 ) -> Row:
     torch._dynamo.reset()  # a fresh compile cache: no graphs (or recompile budget) from an earlier row
+    unet.zero_grad(set_to_none=True)  # an earlier row that ran out of memory may have left gradients
     if ckpt:
         unet.enable_gradient_checkpointing()
     else:

@@ -10,12 +10,13 @@
 # (BUDGET=570 seconds by default: with a machine start of 1-2 minutes, about 12 of a session's 15;
 # the last steps are skipped when the budget is spent, so a later call can run them with STEPS=...).
 #
-# Steps run in order of importance, each under its own time limit; every step writes its JSON (and
-# the log) to $OUT as it goes, so a step cut short keeps the rows it measured. Dry run on a CPU, tiny
-# models, a few minutes: TINY=1 OUT=/tmp/gpu_out bash bench/gpu_session.sh
+# Steps run in order of importance, each under its own time limit; after every step all JSON so far is
+# merged into $OUT/results.json (beside $OUT/session.log), so a step cut short keeps the rows it
+# measured. Dry run on a CPU, tiny models, a few minutes: TINY=1 OUT=/tmp/gpu_out bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
+JSON=$(mktemp -d)  # each step's JSON; merged into $OUT/results.json after every step (the tool returns <= 8 files)
 mkdir -p "$OUT"
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,13 +34,14 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 if [ "${TINY:-0}" = 1 ]; then  # CPU dry run: every step, tiny sizes
     STEP="--tiny"; LOOP="--tiny"; LOSS="--tiny"; GEN="--tiny --prompts 1 --images-per-prompt 2 --steps 2"
     STEP_ARGS="$STEP"; CKPT_ARGS="$STEP --grad-ckpt --ckpt-only --no-paper"; COMPILE_ARGS="$STEP --compile-only --no-paper"
-    COLUMNS_ARGS="$STEP --columns --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
+    COLUMNS_ARGS="$STEP --columns --no-paper"; SDPA_ARGS="$STEP --sdpa-output --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
 else
     LOOP="--batch 32 --steps 48 --images 256 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 2 --images-per-prompt 4 --batch-size 8"
     STEP_ARGS="--batch 1 8 32 64 --steps 8 --warmup 2"
     CKPT_ARGS="--batch 8 32 --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
     COMPILE_ARGS="--batch 32 --compile-only --channels-last --no-paper --steps 10 --warmup 3"
     COLUMNS_ARGS="--batch 32 --columns --no-paper --steps 8 --warmup 2"
+    SDPA_ARGS="--batch 32 --sdpa-output --no-paper --steps 8 --warmup 2"
     COMPILE_CKPT_ARGS="--batch 32 --compile-only --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
 fi
 
@@ -52,22 +54,35 @@ step() {  # step NAME SECONDS COMMAND...: run one measurement under its own limi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s, ${SECONDS}s into the session) $(date -u +%H:%M:%S)"
     timeout --signal=INT --kill-after=10 "$limit" "$@" || echo "=== $name: exit $?"
+    python3 - "$JSON" "$OUT/results.json" <<'PY'
+import json, pathlib, sys
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+merged = {}
+for f in sorted(src.glob("*.json")):
+    try:
+        merged[f.stem] = json.loads(f.read_text())
+    except ValueError as e:  # a file cut mid-write: keep the reason
+        merged[f.stem] = {"error": f"unreadable: {e}"}
+dst.write_text(json.dumps(merged, indent=1))
+PY
 }
 
 # (a) plain vs (b) ours at batch 1/8/32/64, bf16, eager; (c) the paper's design: the issue's core table.
-step train_step 120 python3 bench/train_step.py $STEP_ARGS --json "$OUT/train_step.json"
+step train_step 120 python3 bench/train_step.py $STEP_ARGS --json "$JSON/train_step.json"
 # batch 8 (and 32) with gradient checkpointing: the 24 GiB target.
-step train_step_ckpt 50 python3 bench/train_step.py $CKPT_ARGS --json "$OUT/train_step_ckpt.json"
+step train_step_ckpt 50 python3 bench/train_step.py $CKPT_ARGS --json "$JSON/train_step_ckpt.json"
 # torch.compile + channels-last at batch 32: the >= 150 samples/s target (compilation takes most of it).
-step train_step_compile 160 python3 bench/train_step.py $COMPILE_ARGS --json "$OUT/train_step_compile.json"
+step train_step_compile 160 python3 bench/train_step.py $COMPILE_ARGS --json "$JSON/train_step_compile.json"
 # the real loop on cached latents vs the bare step (<= 5% gap).
-step train_loop 150 python3 bench/train_loop.py $LOOP --json "$OUT/train_loop.json"
+step train_loop 150 python3 bench/train_loop.py $LOOP --json "$JSON/train_loop.json"
 # capture of the supervised token columns only.
-step train_step_columns 30 python3 bench/train_step.py $COLUMNS_ARGS --json "$OUT/train_step_columns.json"
+step train_step_columns 30 python3 bench/train_step.py $COLUMNS_ARGS --json "$JSON/train_step_columns.json"
+# layer outputs from SDPA, explicit maps for the losses only (loss.capture_sdpa_output).
+step train_step_sdpa_output 30 python3 bench/train_step.py $SDPA_ARGS --json "$JSON/train_step_sdpa_output.json"
 # batched losses vs a per-token loop.
 step losses 15 python3 bench/losses.py $LOSS
 # MultiGen generation throughput (random SD 1.4 weights: the speed of the real ones).
-step generation 90 python3 bench/generation.py $GEN --json "$OUT/generation.json"
+step generation 90 python3 bench/generation.py $GEN --json "$JSON/generation.json"
 # compile with gradient checkpointing (one graph thanks to no_store_replay_under_checkpoint), if time is left.
-step train_step_compile_ckpt 120 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$OUT/train_step_compile_ckpt.json"
+step train_step_compile_ckpt 120 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$JSON/train_step_compile_ckpt.json"
 date -u

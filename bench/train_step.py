@@ -71,6 +71,7 @@ class Row:
     mem_gib: float = float("nan")
     columns: bool = False
     channels_last: bool = False
+    sdpa_output: bool = False
     graphs: int | None = None  # Dynamo graphs of the compiled UNet (1 = no graph break)
     error: str = ""
 
@@ -115,6 +116,7 @@ def run(
     device,
     columns: bool = False,
     channels_last: bool = False,
+    sdpa_output: bool = False,
 ) -> Row:
     torch._dynamo.reset()  # a fresh compile cache: no graphs (or recompile budget) from an earlier row
     unet.zero_grad(set_to_none=True)  # an earlier row that ran out of memory may have left gradients
@@ -147,7 +149,7 @@ def run(
         unet.set_attn_processor({k: StoreEverything(k.removesuffix(".processor"), store) for k in original})
     # As the trainer: one capture for the whole run. (Leaving it before backward would make gradient
     # checkpointing recompute the supervised blocks with the fused processors.)
-    cap = AttentionCapture(unet, columns=cols) if mode == "ours" else None
+    cap = AttentionCapture(unet, columns=cols, sdpa_output=sdpa_output) if mode == "ours" else None
 
     def step():
         nonlocal masks
@@ -194,7 +196,20 @@ def run(
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     unet.set_attn_processor(original)
     graphs = counter.frame_count if counter is not None else None
-    return Row(mode, batch, precision, use_compile, ckpt, dt * 1e3, batch / dt, mem, columns, channels_last, graphs)
+    return Row(
+        mode,
+        batch,
+        precision,
+        use_compile,
+        ckpt,
+        dt * 1e3,
+        batch / dt,
+        mem,
+        columns,
+        channels_last,
+        sdpa_output,
+        graphs,
+    )
 
 
 def print_table(rows: list[Row], header: str) -> None:
@@ -222,8 +237,9 @@ def print_table(rows: list[Row], header: str) -> None:
         vs_plain = f"{r.sps / plain.sps:.3f}" if r.mode == "ours" and plain else ""
         vs_paper = f"{r.sps / paper.sps:.1f}x" if r.mode == "ours" and paper else ""
         graphs = "" if r.graphs is None else str(r.graphs)
+        label = r.mode + (" (columns)" if r.columns else "") + (" (sdpa out)" if r.sdpa_output else "")
         print(
-            f"| {r.mode}{' (columns)' if r.columns else ''} | {r.batch} | {r.precision} | {r.compile} | {r.ckpt} | "
+            f"| {label} | {r.batch} | {r.precision} | {r.compile} | {r.ckpt} | "
             f"{r.ms:.1f} | {r.sps:.2f} | {r.mem_gib:.2f} | {graphs} | {vs_plain} | {vs_paper} |"
         )
 
@@ -243,6 +259,7 @@ def main() -> None:
     ap.add_argument("--px", type=int, help="image size (default: the architecture's, 512 / 768)")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper-design baseline")
     ap.add_argument("--columns", action="store_true", help="(b) captures only the supervised token columns")
+    ap.add_argument("--sdpa-output", action="store_true", help="(b): layer outputs from SDPA, maps for the losses")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no new row after this many s")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet on CPU, one timed step (smoke run)")
     ap.add_argument("--json", help="write the rows to this JSON file (rewritten after every row)")
@@ -267,7 +284,7 @@ def main() -> None:
             try:
                 rows.append(
                     run(mode, unet, batch, precision, use_compile, ckpt, args.steps, args.warmup, device,
-                        cols, args.channels_last)
+                        cols, args.channels_last, args.sdpa_output and mode == "ours")
                 )  # fmt: skip
             except torch.OutOfMemoryError:
                 rows.append(Row(mode, batch, precision, use_compile, ckpt, columns=cols, error="out of memory"))

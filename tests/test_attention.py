@@ -187,3 +187,35 @@ def test_batch_with_ragged_phrases_equals_singles(tiny):
     assert has.tolist() == [False, True, True, False]
     assert (batch.token[~has] == 0).all() and (batch.pixel[~has] == 0).all()  # no phrase: exactly 0
     assert (batch.token[has] > 0).all() and (batch.pixel[has] > 0).all()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sdpa_output_gives_the_same_outputs_maps_and_gradients(tiny, checkpointing):
+    """``sdpa_output``: the layer output from the fused kernel, the explicit maps for the losses only."""
+    x, t, ctx = _inputs(tiny, b=3)
+    index, valid, masks64 = _phrase_batch(3)
+    runs = []
+    for sdpa in (False, True):
+        unet = copy.deepcopy(tiny.unet).train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        with AttentionCapture(unet, sdpa_output=sdpa) as cap:
+            out = unet(x, t, ctx).sample
+            maps = cap.by_size()
+            g = grounding_losses(maps, index, valid, masks_at_resolutions(masks64, maps.keys()))
+            # both paths to the weights: through the layer outputs and through the maps
+            (out.square().mean() + g.token.mean() + g.pixel.mean()).backward()
+            processors = [unet.attn_processors[f"{n}.processor"] for n in cap.names]
+        assert all(p.sdpa_output is sdpa for p in processors)
+        grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), {k: [m.detach() for m in v] for k, v in maps.items()}, g, grads))
+    (out0, maps0, g0, grads0), (out1, maps1, g1, grads1) = runs
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    for size in maps0:
+        for a, b in zip(maps1[size], maps0[size], strict=True):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g1.token, g0.token)
+    torch.testing.assert_close(g1.pixel, g0.pixel)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-4, atol=1e-6)

@@ -42,11 +42,12 @@ def _inputs(unet, batch: int = 2):
     return x, torch.tensor([10, 500])[:batch], ctx
 
 
-def test_capture_forward_is_one_graph_and_matches_eager(tiny):
+@pytest.mark.parametrize("sdpa_output", [False, True], ids=["explicit-output", "sdpa-output"])
+def test_capture_forward_is_one_graph_and_matches_eager(tiny, sdpa_output):
     """The supervised processors, the store and the clearing pre-hook trace with no graph break."""
     unet = copy.deepcopy(tiny.unet)
     x, t, ctx = _inputs(unet)
-    with AttentionCapture(unet) as cap:
+    with AttentionCapture(unet, sdpa_output=sdpa_output) as cap:
 
         def forward(x, t, ctx):
             return unet(x, t, ctx).sample, cap.maps

@@ -223,12 +223,16 @@ def test_capturing_only_the_supervised_columns_gives_the_same_run(assets, monkey
     root, base, data = assets
     over = ["train.max_steps=2", "log.every=1", "log.curves=false", "loss.token_weight=1e-2", "loss.pixel_weight=1e-3"]
     runs = {}
-    for flag in ("false", "true"):
-        result = train(
-            load_config(config_dict(base, data, root / f"run_cols_{flag}"), [*over, f"loss.capture_columns={flag}"])
-        )
-        runs[flag] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    for full, sub in zip(runs["false"], runs["true"], strict=True):
-        for key in ("loss/token", "loss/pixel", "loss/total"):
-            assert sub[key] == pytest.approx(full[key], rel=1e-5), key
-    assert widths[:2] == [77, 77] and all(w < 77 for w in widths[2:])  # the second run kept only its columns
+    variants = {
+        "false": ["loss.capture_columns=false"],
+        "true": ["loss.capture_columns=true"],
+        "sdpa": ["loss.capture_columns=true", "loss.capture_sdpa_output=true"],  # outputs from SDPA too
+    }
+    for name, flags in variants.items():
+        result = train(load_config(config_dict(base, data, root / f"run_cols_{name}"), [*over, *flags]))
+        runs[name] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for variant in ("true", "sdpa"):
+        for full, sub in zip(runs["false"], runs[variant], strict=True):
+            for key in ("loss/token", "loss/pixel", "loss/total"):
+                assert sub[key] == pytest.approx(full[key], rel=1e-5), (variant, key)
+    assert widths[:2] == [77, 77] and all(w < 77 for w in widths[2:])  # later runs kept only their columns

@@ -25,6 +25,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 Size = tuple[int, int]
 
@@ -109,6 +110,12 @@ class CaptureAttnProcessor:
 
     Computes exactly what diffusers' default ``AttnProcessor2_0`` computes (same projections, norms,
     residual and rescale), but with ``softmax(Q K^T * scale)`` materialised in float32.
+
+    ``sdpa_output``: the layer's output comes from the fused ``scaled_dot_product_attention`` (as in
+    the uncaptured model) and the materialised probabilities serve the losses only. Same values and
+    gradients up to rounding; on a GPU it saves the half-precision copy of the probabilities and the
+    explicit product with V (memory traffic of size ``B·H·N·L``), at the price of computing
+    ``Q K^T`` twice. Off by default until measured (``bench/train_step.py --sdpa-output``).
     """
 
     def __init__(
@@ -116,10 +123,12 @@ class CaptureAttnProcessor:
         name: str,
         store: AttentionStore,
         keep_cond_only: bool = False,
+        sdpa_output: bool = False,
     ) -> None:
         self.name = name
         self.store = store
         self.keep_cond_only = keep_cond_only
+        self.sdpa_output = sdpa_output
 
     def __call__(
         self,
@@ -169,7 +178,10 @@ class CaptureAttnProcessor:
         # One kernel: the up-cast to float32 happens inside the softmax (no float32 copy of the scores
         # is materialised under bf16/fp16 autocast), and autograd keeps only its output.
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
+        if self.sdpa_output:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        else:
+            hidden_states = torch.matmul(probs.to(value.dtype), value)
 
         kept = probs
         if self.keep_cond_only:
@@ -220,6 +232,8 @@ class AttentionCapture:
             classifier-free-guidance batch).
         columns: keep only these token columns (``[K]`` long) of each map, to save memory; the
             softmax still runs over all ``L`` tokens.
+        sdpa_output: layer outputs from the fused attention kernel, maps for the losses only (see
+            :class:`CaptureAttnProcessor`).
 
     Under gradient checkpointing, call ``backward`` before leaving the context: the recomputation in
     the backward pass runs whichever processors are installed at that moment (torch's checkpoint then
@@ -232,10 +246,12 @@ class AttentionCapture:
         layers: Sequence[str] = ("mid", "up"),
         keep_cond_only: bool = False,
         columns: torch.Tensor | Iterable[int] | None = None,
+        sdpa_output: bool = False,
     ) -> None:
         self.unet = unet
         self.names = select_layers(unet, layers)
         self.keep_cond_only = keep_cond_only
+        self.sdpa_output = sdpa_output
         self.store = AttentionStore()
         self.columns = columns
         self._original: dict[str, object] | None = None
@@ -247,7 +263,9 @@ class AttentionCapture:
         self._original = dict(self.unet.attn_processors)
         processors = dict(self._original)
         for name in self.names:
-            processors[f"{name}.processor"] = CaptureAttnProcessor(name, self.store, self.keep_cond_only)
+            processors[f"{name}.processor"] = CaptureAttnProcessor(
+                name, self.store, self.keep_cond_only, self.sdpa_output
+            )
         self.unet.set_attn_processor(processors)
         self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self

@@ -90,6 +90,9 @@ class LossConfig:
     """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or layer-name prefixes."""
     capture_columns: bool = False
     """Keep only the batch's supervised token columns of each captured map (less memory; same losses)."""
+    capture_sdpa_output: bool = False
+    """Supervised layers compute their output with the fused attention kernel; the explicit maps feed
+    the losses only (same values and gradients; less memory traffic on a GPU, one more ``Q K^T``)."""
 
 
 @dataclass

@@ -229,7 +229,11 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
             if weights.grounding:  # lambda = gamma = 0: no capturing processor at all
                 from tokencompose.attention import AttentionCapture
 
-                capture = stack.enter_context(AttentionCapture(accelerator.unwrap_model(unet), cfg.loss.layers))
+                capture = stack.enter_context(
+                    AttentionCapture(
+                        accelerator.unwrap_model(unet), cfg.loss.layers, sdpa_output=cfg.loss.capture_sdpa_output
+                    )
+                )
             for t in specs:
                 stack.enter_context(t.capture(accelerator.unwrap_model(unet)))
             loop = _Loop(cfg, accelerator, unet, optimizer, trainable, comps, loader, sampler, dataset, state, noise,

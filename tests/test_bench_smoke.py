@@ -32,3 +32,15 @@ def test_bench_script_tiny(script, tmp_path):
         assert {r["mode"] for r in rows} == {"plain", "ours", "paper"}
         assert {r["ckpt"] for r in rows if r["mode"] == "ours"} == {False, True}
         assert all(not r["error"] and r["sps"] > 0 for r in rows), rows
+
+
+def test_generation_bench_tiny(tmp_path):
+    out = tmp_path / "gen.json"
+    args = [sys.executable, str(BENCH / "generation.py"), "--tiny", "--device", "cpu", "--prompts", "1"]
+    args += ["--images-per-prompt", "2", "--steps", "2", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    row = json.loads(out.read_text())
+    assert row["images"] == 2 and row["paper_loop_images_per_s"] > 0 and row["ours_images_per_s"] > 0

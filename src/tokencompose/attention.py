@@ -179,7 +179,9 @@ class CaptureAttnProcessor:
         # is materialised under bf16/fp16 autocast), and autograd keeps only its output.
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if self.sdpa_output:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=attn.scale
+            )  # the maps' scale, so output and maps are one attention
         else:
             hidden_states = torch.matmul(probs.to(value.dtype), value)
 

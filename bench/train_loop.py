@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="train.compile=true in the loop, compiled bare step")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both")
     ap.add_argument("--columns", action="store_true", help="loss.capture_columns=true in both")
+    ap.add_argument("--sdpa-output", action="store_true", help="loss.capture_sdpa_output=true in both")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke run)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
                     "compile": args.compile,
                     "grad_checkpointing": args.grad_ckpt,
                 },
-                "loss": {"capture_columns": args.columns},
+                "loss": {"capture_columns": args.columns, "capture_sdpa_output": args.sdpa_output},
                 "optim": {"lr": 1e-6},
                 "log": {"every": max(1, args.steps // 6), "tensorboard": False, "curves": False, "progress": False},
                 "checkpoint": {"every": 10**6, "keep_last": 1},
@@ -91,13 +92,13 @@ def main() -> None:
     warm = 5 if args.compile else 2  # the loop's median also leaves out its first (compiling) interval
     step = train_step.run(
         "ours", unet, args.batch, args.precision, args.compile, args.grad_ckpt, max(3, args.steps // 4), warm, device,
-        args.columns,
+        args.columns, False, args.sdpa_output,
     )  # fmt: skip
     name = torch.cuda.get_device_name() if gpu else "cpu"
     gap = 1 - loop / step.sps
     print(
         f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.precision}; compile {args.compile}; "
-        f"grad ckpt {args.grad_ckpt}; columns {args.columns}; workers {args.workers}"
+        f"grad ckpt {args.grad_ckpt}; columns {args.columns}; sdpa output {args.sdpa_output}; workers {args.workers}"
     )
     print(
         f"real loop on cached latents: {loop:.2f} samples/s; bare step: {step.sps:.2f} samples/s; gap {100 * gap:.1f}%"

@@ -277,21 +277,24 @@ def main() -> None:
     start = time.perf_counter()
 
     def measure(mode: str, batch: int, precision: str, use_compile: bool, ckpt: bool) -> None:
-        cols = args.columns and mode == "ours"
+        cols, sdpa = (args.columns, args.sdpa_output) if mode == "ours" else (False, False)
+
+        def failed(reason: str) -> Row:  # a row that was not measured, with the configuration it had
+            return Row(mode, batch, precision, use_compile, ckpt, columns=cols, channels_last=args.channels_last,
+                       sdpa_output=sdpa, error=reason)  # fmt: skip
+
         if time.perf_counter() - start > args.budget_s:
-            rows.append(Row(mode, batch, precision, use_compile, ckpt, columns=cols, error="skipped (budget)"))
+            rows.append(failed("skipped (budget)"))
         else:
             try:
                 rows.append(
                     run(mode, unet, batch, precision, use_compile, ckpt, args.steps, args.warmup, device,
-                        cols, args.channels_last, args.sdpa_output and mode == "ours")
+                        cols, args.channels_last, sdpa)
                 )  # fmt: skip
             except torch.OutOfMemoryError:
-                rows.append(Row(mode, batch, precision, use_compile, ckpt, columns=cols, error="out of memory"))
+                rows.append(failed("out of memory"))
             except Exception as e:  # keep measuring the other rows; the reason is in the table
-                rows.append(
-                    Row(mode, batch, precision, use_compile, ckpt, columns=cols, error=f"{type(e).__name__}: {e}"[:200])
-                )
+                rows.append(failed(f"{type(e).__name__}: {e}"[:200]))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         r = rows[-1]

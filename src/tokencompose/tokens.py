@@ -33,9 +33,17 @@ def find_span(text_ids: Sequence[int], phrase_ids: Sequence[int]) -> int | None:
     return None
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def text_token_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without start/end tokens and without truncation."""
     return list(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+
+
+def input_ids(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Text-encoder input ``[B, L]`` long: start + tokens + end, truncated and padded to the window
+    (``tokenizer.model_max_length``, 77 for CLIP)."""
+    n = int(getattr(tokenizer, "model_max_length", 77))
+    out = tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+    return out["input_ids"]
 
 
 def phrase_token_positions(
@@ -49,12 +57,12 @@ def phrase_token_positions(
     """
     if max_length is None:
         max_length = int(getattr(tokenizer, "model_max_length", 77))
-    text_ids = _encode(tokenizer, caption)
-    phrase_ids = _encode(tokenizer, phrase.lower())
+    text_ids = text_token_ids(tokenizer, caption)
+    phrase_ids = text_token_ids(tokenizer, phrase.lower())
     start = find_span(text_ids, phrase_ids)
     if start is None and phrase != phrase.lower():
         # Case-sensitive tokenizers: fall back to the phrase as written.
-        phrase_ids = _encode(tokenizer, phrase)
+        phrase_ids = text_token_ids(tokenizer, phrase)
         start = find_span(text_ids, phrase_ids)
     if start is None:
         return None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
+from tokencompose.tokens import input_ids
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
         x, captions = _stream_batch(cfg, step * cfg.unet_batch, cfg.unet_batch, stream=3)
         drop = torch.rand(len(captions)) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = input_ids(tokenizer, captions)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(z)

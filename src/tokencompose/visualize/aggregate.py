@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokencompose.tokens import text_token_ids
+
 Size = tuple[int, int]
 
 START, END = "<start>", "<end>"
@@ -46,7 +48,7 @@ def prompt_words(
     """
     if max_length is None:
         max_length = int(getattr(tokenizer, "model_max_length", 77))
-    ids = list(tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"])
+    ids = text_token_ids(tokenizer, prompt)
     ids = ids[: max_length - 2]  # the window holds start + tokens + end
     tokens = tokenizer.convert_ids_to_tokens(ids)
     marked = any(t.endswith("</w>") for t in tokens)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencompose.tokens import input_ids
 from tokencompose.visualize import aggregate as agg
 from tokencompose.visualize import capture
 
@@ -96,13 +97,6 @@ def attention_from_prompt(
     return file
 
 
-def _input_ids(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    n = int(getattr(tokenizer, "model_max_length", 77))
-    return tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="pt")[
-        "input_ids"
-    ]
-
-
 def attention_from_image(
     comps: Any,
     image_path: str | Path,
@@ -128,7 +122,7 @@ def attention_from_image(
     size = size or capture.default_image_size(comps)
     px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
     maps = capture.image_attention(
-        comps, px[None], _input_ids(comps.tokenizer, [caption]), noise_levels, seed, layers, None, device
+        comps, px[None], input_ids(comps.tokenizer, [caption]), noise_levels, seed, layers, None, device
     )
     title = f"{label + ': ' if label else ''}{caption} (t={','.join(map(str, noise_levels))}, seed {seed})"
     image = capture.to_uint8_image(px)
@@ -179,7 +173,7 @@ def mask_comparisons(
         if k > 0:
             comps = capture.load_model(path, base)
         maps = capture.image_attention(
-            comps, batch["pixel_values"], _input_ids(comps.tokenizer, batch["captions"]), noise_levels, seed, layers,
+            comps, batch["pixel_values"], input_ids(comps.tokenizer, batch["captions"]), noise_levels, seed, layers,
             None, device,
         )  # fmt: skip
         chosen = agg.select_sizes(maps, resolutions)

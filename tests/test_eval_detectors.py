@@ -48,7 +48,9 @@ def test_owlv2_matches_transformers_postprocess(owl2: Path, images: list[Image.I
     inputs = det.processor(text=texts, images=images, return_tensors="pt", padding="max_length", truncation=True)
     with torch.no_grad():
         raw = det.model(**inputs)
-    ref = det.processor.post_process_grounded_object_detection(raw, threshold=0.0, target_sizes=[(48, 48)] * 3)
+    post = getattr(det.processor, "post_process_grounded_object_detection", None)  # newer transformers
+    post = post or det.processor.post_process_object_detection
+    ref = post(raw, threshold=0.0, target_sizes=[(48, 48)] * 3)
     for o, r in zip(ours, ref, strict=True):
         best: dict[str, float] = {}
         for lab, s in zip(r["labels"].tolist(), r["scores"].tolist(), strict=True):

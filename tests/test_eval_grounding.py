@@ -108,5 +108,7 @@ def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
     assert r2["num_images"] == 3 and r2["num_phrases"] > 0
     assert set(r2["per_timestep"]) == {"100", "500"}
     assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0
-    # Per-sample seeded noise: the batch size does not change the scores.
-    assert r1["miou"] == pytest.approx(r2["miou"], abs=1e-5) and r1["auroc"] == pytest.approx(r2["auroc"], abs=1e-5)
+    # Per-sample seeded noise: the batch size does not change the scores. mIoU thresholds the maps, so
+    # batch-size-dependent float rounding may move a pixel across a threshold (seen: 6e-5 with torch 2.8);
+    # noise that depended on the batch would move it far more.
+    assert r1["miou"] == pytest.approx(r2["miou"], abs=1e-3) and r1["auroc"] == pytest.approx(r2["auroc"], abs=1e-5)

@@ -18,6 +18,19 @@ import torch
 CLIP_MAX_LENGTH = 77
 
 
+def hf_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` keyword for a transformers model's dtype: ``dtype`` from 4.56 on, ``torch_dtype`` before.
+
+    (Older releases pass an unknown ``dtype`` on to the model's ``__init__``, which rejects it; newer
+    ones warn on ``torch_dtype``.)
+    """
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    return {key: dtype}
+
+
 def clip_tokenizer() -> Any:
     """The CLIP BPE tokenizer of SD 1.x (same ids), built offline from the files shipped as package data."""
     from transformers import CLIPTokenizer
@@ -45,14 +58,40 @@ class Components:
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet")
         self.vae.save_pretrained(path / "vae")
-        self.text_encoder.save_pretrained(path / "text_encoder")
-        self.tokenizer.save_pretrained(path / "tokenizer")
+        save_text_encoder(self.text_encoder, path / "text_encoder")
+        save_tokenizer(self.tokenizer, path / "tokenizer")
         self.scheduler.save_pretrained(path / "scheduler")
         write_model_index(path, self)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def save_text_encoder(text_encoder: Any, folder: Path) -> None:
+    """``save_pretrained`` in the key layout that every transformers release reads.
+
+    transformers 5 flattened ``CLIPTextModel`` (keys ``embeddings.*``, ``encoder.*``); releases before 5
+    expect ``text_model.embeddings.*`` -- the layout of every SD checkpoint on the hub -- and load flat
+    keys as a randomly initialised model with only a warning. Release 5 reads both layouts.
+    """
+    state = None
+    if type(text_encoder).__name__ == "CLIPTextModel" and not hasattr(text_encoder, "text_model"):
+        state = {f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+    text_encoder.save_pretrained(folder, state_dict=state)
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``save_pretrained``, plus the BPE's ``vocab.json`` / ``merges.txt`` when it wrote only ``tokenizer.json``.
+
+    transformers 5 writes the single-file form; transformers 4's ``CLIPTokenizer`` (what diffusers
+    loads there) reads the two files. With both, the folder loads under either.
+    """
+    tokenizer.save_pretrained(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if not (folder / "vocab.json").exists() and type(model).__name__ == "BPE":
+        model.save(str(folder))
 
 
 def write_model_index(path: Path, comps: Components) -> None:
@@ -103,7 +142,7 @@ def load_components(
         if missing:
             raise FileNotFoundError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **hf_dtype(dtype), **kw)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     if unet is None:

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from tokencompose.models import hf_dtype
+
 log = logging.getLogger(__name__)
 
 PAPER_DETECTOR = "google/owlv2-large-patch14-ensemble"
@@ -85,7 +87,7 @@ class _HFDetector:
         if Path(self.name).exists():
             kw["local_files_only"] = True
         self.processor = AutoProcessor.from_pretrained(self.name, **kw)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.name, dtype=dtype, **kw)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.name, **hf_dtype(dtype), **kw)
         self.model.to(self.device).eval()
         # The resolved commit of a hub download, recorded in results (None for a plain folder).
         self.resolved_revision = revision or getattr(self.model.config, "_commit_hash", None)

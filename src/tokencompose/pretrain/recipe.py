@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencompose.models import save_text_encoder
 from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from tokencompose.tokens import input_ids
 
@@ -225,7 +226,7 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
     tmp = work / "diffusion.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
-    text.save_pretrained(tmp / "text_encoder")
+    save_text_encoder(text, tmp / "text_encoder")
     os.replace(tmp, done)
     return done
 

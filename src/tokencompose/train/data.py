@@ -36,7 +36,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int) -> Any:
         epoch, i = divmod(int(key), len(self.dataset))
-        sample_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, dtype=np.uint64)[0]) >> 1
         # fork_rng restores the caller's RNG afterwards: the training process's own stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)

@@ -1,0 +1,52 @@
+"""Saved model folders load under every transformers release we support, not only the one that wrote them.
+
+transformers 5 writes CLIP text encoders with flat keys and tokenizers as a single ``tokenizer.json``;
+transformers 4 (what many diffusers set-ups still run) reads ``text_model.*`` keys and
+``vocab.json`` + ``merges.txt``, and loads flat keys as a *random* encoder with only a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tokencompose.demo import shipped_base
+from tokencompose.models import load_components, tiny_components
+
+
+def _keys(folder: Path) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def _check_portable(folder: Path) -> None:
+    keys = _keys(folder / "text_encoder")
+    assert keys and all(k.startswith("text_model.") for k in keys), keys[:3]
+    tok = folder / "tokenizer"
+    vocab = json.loads((tok / "vocab.json").read_text())
+    merges = (tok / "merges.txt").read_text().splitlines()
+    assert len(vocab) == 49408 and merges[0].startswith("#version") and merges[1] == "i n"
+
+
+def test_saved_components_are_portable_and_round_trip(tmp_path: Path) -> None:
+    comps = tiny_components()
+    comps.save(tmp_path)
+    _check_portable(tmp_path)
+    back = load_components(tmp_path)
+    ids = comps.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(back.tokenizer(["a red circle"], padding="max_length", max_length=77,
+                                      return_tensors="pt").input_ids, ids)  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(back.text_encoder(ids)[0], comps.text_encoder(ids)[0])
+
+
+def test_shipped_base_is_portable() -> None:
+    base = shipped_base()
+    if base is None:
+        import pytest
+
+        pytest.skip("no shapes-world base in this checkout")
+    _check_portable(base)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tokencompose.demo import shipped_base
 from tokencompose.models import load_components, tiny_components
+from tokencompose.tokens import input_ids
 
 
 def _keys(folder: Path) -> list[str]:
@@ -22,7 +22,8 @@ def _keys(folder: Path) -> list[str]:
         return list(f.keys())
 
 
-def _check_portable(folder: Path) -> None:
+def check_portable(folder: Path) -> None:
+    """Text-encoder keys in the hub layout and the BPE's two files beside ``tokenizer.json``."""
     keys = _keys(folder / "text_encoder")
     assert keys and all(k.startswith("text_model.") for k in keys), keys[:3]
     tok = folder / "tokenizer"
@@ -34,19 +35,9 @@ def _check_portable(folder: Path) -> None:
 def test_saved_components_are_portable_and_round_trip(tmp_path: Path) -> None:
     comps = tiny_components()
     comps.save(tmp_path)
-    _check_portable(tmp_path)
+    check_portable(tmp_path)
     back = load_components(tmp_path)
-    ids = comps.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    assert torch.equal(back.tokenizer(["a red circle"], padding="max_length", max_length=77,
-                                      return_tensors="pt").input_ids, ids)  # fmt: skip
+    ids = input_ids(comps.tokenizer, ["a red circle"])
+    assert torch.equal(input_ids(back.tokenizer, ["a red circle"]), ids)
     with torch.no_grad():
         assert torch.equal(back.text_encoder(ids)[0], comps.text_encoder(ids)[0])
-
-
-def test_shipped_base_is_portable() -> None:
-    base = shipped_base()
-    if base is None:
-        import pytest
-
-        pytest.skip("no shapes-world base in this checkout")
-    _check_portable(base)

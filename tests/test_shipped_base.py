@@ -52,3 +52,10 @@ def test_base_draws_single_objects_it_is_asked_for():
              for i, img in enumerate(images)]  # fmt: skip
     # a random-init model finds ~0 of these; the model card reports the measured rate on more prompts
     assert sum(found) / len(found) >= 0.5, found
+
+
+def test_base_loads_under_transformers_4_too():
+    """Saved by transformers 5, laid out so that transformers 4 also reads it (see tests/test_models.py)."""
+    from test_models import check_portable
+
+    check_portable(BASE)

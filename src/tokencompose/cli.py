@@ -58,7 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
-    return int(args._run(args) or 0)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; user mistakes become one line on stderr and exit status 2."""
+    from tokencompose.errors import UserError, environment_error_message, one_line
+
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"tokencompose {args.command}: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = environment_error_message(err)
+        if message is None:
+            raise
+        print(f"tokencompose {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

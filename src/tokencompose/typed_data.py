@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from tokencompose.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config key or value; ``key`` is the dotted name."""
 
     def __init__(self, key: str, message: str) -> None:

@@ -28,8 +28,43 @@ def add_lora(unet: Any, rank: int, alpha: float | None, target_modules: list[str
         raise ValueError(f"train.lora.target_modules {target_modules} matched no UNet module")
 
 
+def lora_scales(unet: Any) -> dict[str, float]:
+    """peft's scaling of each adapted module, ``{module name: alpha / rank}`` (``alpha / sqrt(rank)`` with rsLoRA).
+
+    Read from the live adapter layers, so rank/alpha patterns are honoured exactly as peft applies them.
+    """
+    scales: dict[str, float] = {}
+    for name, module in unet.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and "default" in scaling and hasattr(module, "lora_B"):
+            scales[name] = float(scaling["default"])
+    return scales
+
+
+def fold_lora_scale(peft_sd: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Adapter weights with each module's ``alpha / rank`` multiplied into its ``lora_B`` (up) matrix.
+
+    peft computes ``W x + scale · B (A x)``. diffusers' ``load_lora_weights`` learns ``alpha`` only from
+    metadata that older diffusers neither write nor read, and otherwise uses ``alpha = rank`` (scale 1).
+    With ``scale`` folded into ``B`` the exported file means the same model under every diffusers version
+    and every loader; the peft-format resume state keeps the raw weights.
+    """
+    out = {}
+    for key, value in peft_sd.items():
+        module = key.rsplit(".lora_B.", 1)[0] if ".lora_B." in key else None
+        scale = scales.get(module, 1.0) if module is not None else 1.0
+        if module is not None and module not in scales:
+            raise ValueError(f"no LoRA scaling known for {module!r} (adapter and weights disagree)")
+        out[key] = value * scale if scale != 1.0 else value
+    return out
+
+
 def save_lora(unet: Any, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) and ``lora_state.safetensors`` (peft)."""
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) and ``lora_state.safetensors`` (peft).
+
+    The diffusers file has ``alpha / rank`` folded into its up matrices (:func:`fold_lora_scale`), so stock
+    ``pipe.load_lora_weights`` reproduces the trained model whatever ``train.lora.alpha`` was.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -41,7 +76,9 @@ def save_lora(unet: Any, path: str | Path, state_dict: dict[str, torch.Tensor] |
     peft_sd = {k: v.detach().cpu().contiguous() for k, v in peft_sd.items()}
     save_file(peft_sd, str(path / LORA_STATE))
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(path), unet_lora_layers=convert_state_dict_to_diffusers(peft_sd), safe_serialization=True
+        save_directory=str(path),
+        unet_lora_layers=convert_state_dict_to_diffusers(fold_lora_scale(peft_sd, lora_scales(unet))),
+        safe_serialization=True,
     )
 
 

@@ -41,3 +41,18 @@ def test_saved_components_are_portable_and_round_trip(tmp_path: Path) -> None:
     assert torch.equal(input_ids(back.tokenizer, ["a red circle"]), ids)
     with torch.no_grad():
         assert torch.equal(back.text_encoder(ids)[0], comps.text_encoder(ids)[0])
+
+
+def test_saved_text_encoder_config_says_float32_whatever_the_stored_precision(tiny, tmp_path) -> None:
+    """Half weights on disk still load as float32 beside diffusers' float32 UNet (stock, no dtype)."""
+    import copy
+    import json
+
+    from transformers import CLIPTextModel
+
+    from tokencompose.models import save_text_encoder
+
+    save_text_encoder(copy.deepcopy(tiny.text_encoder).half(), tmp_path / "te")
+    config = json.loads((tmp_path / "te" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert CLIPTextModel.from_pretrained(tmp_path / "te").dtype == torch.float32

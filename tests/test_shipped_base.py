@@ -38,9 +38,10 @@ def test_base_draws_single_objects_it_is_asked_for():
 
     from tokencompose.data.shapes import detect_shapes
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        BASE, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    # Stock loading with no dtype: every part must come up in one precision (the text encoder's config
+    # once said float16 beside a float32 UNet, and generation failed on mixed dtypes).
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     cats = ["red circle", "blue square", "green triangle", "yellow cross", "purple circle", "cyan square"]

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("tokencompose.commands.compare", "side-by-side table of evaluation results"),
     "visualize": ("tokencompose.commands.visualize", "attention maps, masks vs attention, grids"),
     "report": ("tokencompose.commands.report", "one self-contained HTML report"),
+    "export": ("tokencompose.commands.export", "a diffusers pipeline folder that stock diffusers loads"),
 }
 
 

@@ -8,6 +8,7 @@ build tiny random-init parts of the same classes with :func:`tiny_components` --
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,18 @@ from typing import Any
 import torch
 
 CLIP_MAX_LENGTH = 77
+
+
+def looks_like_path(name: str | Path) -> bool:
+    """True for a name the user meant as a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``...), not a hub id.
+
+    A hub id is ``name`` or ``org/name``: one slash at most, never leading. So a missing folder is reported
+    as a missing folder, not as a malformed repo id.
+    """
+    text = str(name)
+    if text.startswith(("/", ".", "~")) or (os.altsep is not None and os.altsep in text):
+        return True
+    return text.count(os.sep) > 1 or (os.sep != "/" and os.sep in text)
 
 
 def hf_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
@@ -74,11 +87,23 @@ def save_text_encoder(text_encoder: Any, folder: Path) -> None:
     transformers 5 flattened ``CLIPTextModel`` (keys ``embeddings.*``, ``encoder.*``); releases before 5
     expect ``text_model.embeddings.*`` -- the layout of every SD checkpoint on the hub -- and load flat
     keys as a randomly initialised model with only a warning. Release 5 reads both layouts.
+
+    The config always says ``float32`` whatever precision the weights are stored in: transformers 5 loads
+    a model in the dtype its config names, diffusers loads the UNet and VAE in float32, and a stock
+    ``DiffusionPipeline.from_pretrained(folder)`` with no dtype must not mix half and float.
     """
+    import json
+
     state = None
     if type(text_encoder).__name__ == "CLIPTextModel" and not hasattr(text_encoder, "text_model"):
         state = {f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
     text_encoder.save_pretrained(folder, state_dict=state)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spelling
+        if key in config:
+            config[key] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -131,16 +156,19 @@ def load_components(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from tokencompose.errors import UserError
+
     src = str(model)
-    is_local = Path(src).exists()
-    if not is_local and local_files_only:
-        raise FileNotFoundError(f"model folder {src!r} does not exist")
+    is_local = Path(src).expanduser().exists()
+    if not is_local and (local_files_only or looks_like_path(model)):
+        raise UserError(f"model folder {src} does not exist")
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     if is_local:
+        src = str(Path(src).expanduser())
         kw["local_files_only"] = True
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (Path(src) / s).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
+            raise UserError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **hf_dtype(dtype), **kw)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)

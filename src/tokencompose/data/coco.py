@@ -166,9 +166,28 @@ def prepare_coco(
     limit: int | None = None,
     keep_unmatched: bool = False,
 ) -> tuple[Path, Counter]:
-    """Write ``out/metadata.jsonl`` + ``out/masks/`` for a COCO split; returns (jsonl path, counts)."""
+    """Write ``out/metadata.jsonl`` + ``out/masks/`` for a COCO split; returns (jsonl path, counts).
+
+    ``out`` is claimed with :func:`~tokencompose.data.outputs.claim_output_dir`: a completed output of
+    the same inputs and options is reused (with its stored counts), an interrupted one is redone,
+    anything else is refused. ``metadata.jsonl`` appears (atomically) only after every mask.
+    """
     from pycocotools.coco import COCO
 
+    from tokencompose.data.outputs import claim_output_dir, count_lines, mark_complete
+
+    settings = {
+        "captions": str(Path(captions_json).resolve()),
+        "instances": str(Path(instances_json).resolve()),
+        "images": str(Path(images_dir).resolve()),
+        "limit": limit,
+        "keep_unmatched": bool(keep_unmatched),
+    }
+    path = Path(out) / "metadata.jsonl"
+    done = claim_output_dir(out, COCO_COMMAND, settings, intact=lambda m: count_lines(path) == m.get("rows"))
+    if done is not None:
+        return path, Counter(done.get("stats", {}))
+    path.unlink(missing_ok=True)  # an interrupted redo must not leave the previous list in place
     if nlp is None:
         import spacy
 
@@ -229,6 +248,9 @@ def prepare_coco(
             stats["rows"] += 1
             yield Record(str(image_path.resolve()), text, phrases)
 
-    path = out / "metadata.jsonl"
-    write_jsonl(path, rows())
+    rows_written = write_jsonl(path, rows())
+    mark_complete(out, COCO_COMMAND, settings, rows=rows_written, stats=dict(stats))
     return path, stats
+
+
+COCO_COMMAND = "prepare coco"

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from tokencompose.data import records as R
+from tokencompose.data.outputs import atomic_write_text
+from tokencompose.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +86,27 @@ def build_latent_cache(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Encode every record's image (same resize + crop as training) and write the cache into ``out``."""
+    """Encode every record's image (same resize + crop as training) and write the cache into ``out``.
+
+    ``out`` is claimed with :func:`~tokencompose.data.outputs.claim_output_dir`: a complete cache of
+    the same VAE, records, resolution and dtype is reused without encoding, an interrupted build is
+    redone, anything else (another cache, a foreign folder) is refused. ``meta.json``, which
+    :class:`LatentCache` needs, is written last and atomically.
+    """
     from tokencompose.data.dataset import JsonlIndex, load_image
+    from tokencompose.data.outputs import claim_output_dir, mark_complete
 
     source = JsonlIndex(records) if isinstance(records, str | Path) else list(records)
     images = [source[i].image for i in range(len(source))]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     vae = vae.to(device=device, dtype=dtype).eval()
     n = len(images)
+    settings = _cache_settings(vae, images, image_size, dtype)
+    _adopt_legacy_cache(out, settings)
+    if claim_output_dir(out, LATENTS_COMMAND, settings, intact=lambda _: _files_present(out)) is not None:
+        log.info("latent cache: %s already holds these latents; reused", out)
+        return out
+    (out / "meta.json").unlink(missing_ok=True)  # until the new arrays are complete, this is no cache
     mean_mm = std_mm = None
     ok = np.zeros(n, dtype=bool)
     sizes = np.zeros((n, 2), dtype=np.int32)
@@ -119,29 +133,69 @@ def build_latent_cache(
         std_mm[rows] = std.astype(np.float16)
         ok[rows] = True
     if mean_mm is None:
-        raise RuntimeError(f"latent cache: none of the {n} images could be read")
+        raise UserError(f"latent cache: none of the {n} images of the record list could be read; check their paths")
     mean_mm.flush()
     std_mm.flush()
     np.save(out / "ok.npy", ok)
     np.save(out / "sizes.npy", sizes)
     meta = {
         "version": CACHE_VERSION,
-        "vae": vae_fingerprint(vae),
+        "vae": settings["vae"],
         "vae_class": type(vae).__name__,
         "scaling_factor": float(getattr(vae.config, "scaling_factor", 1.0)),
         "resolution": int(image_size),
         "crop": CROP,
         "flip": False,
         "num_records": n,
-        "records": records_fingerprint(images),
+        "records": settings["records"],
         "latent_shape": list(mean_mm.shape[1:]),
         "missing": int((~ok).sum()),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    mark_complete(out, LATENTS_COMMAND, settings, rows=n)
     log.info(
         "latent cache: %d latents of shape %s written to %s (%d missing)", n, meta["latent_shape"], out, meta["missing"]
     )
     return out
+
+
+LATENTS_COMMAND = "prepare latents"
+_CACHE_FILES = ("meta.json", "mean.npy", "std.npy", "ok.npy", "sizes.npy")
+
+
+def _cache_settings(vae: Any, images: Sequence[str], image_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """What the cached values depend on: the cache key plus the encoding dtype."""
+    return {
+        "version": CACHE_VERSION,
+        "vae": vae_fingerprint(vae),
+        "resolution": int(image_size),
+        "crop": CROP,
+        "num_records": len(images),
+        "records": records_fingerprint(images),
+        "dtype": str(dtype),
+    }
+
+
+def _files_present(out: Path) -> bool:
+    return all((out / name).is_file() for name in _CACHE_FILES)
+
+
+def _adopt_legacy_cache(out: Path, settings: dict[str, Any]) -> None:
+    """Mark a cache built before completion markers existed as complete when its key matches.
+
+    Those versions wrote ``meta.json`` after the arrays, so a matching ``meta.json`` means a finished build.
+    """
+    from tokencompose.data.outputs import mark_complete, read_marker
+
+    if not out.is_dir() or read_marker(out) is not None or not _files_present(out):
+        return
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return
+    keys = ("version", "vae", "resolution", "crop", "num_records", "records")
+    if all(meta.get(k) == settings[k] for k in keys) and settings["dtype"] == str(torch.float32):
+        mark_complete(out, LATENTS_COMMAND, settings, rows=settings["num_records"])
 
 
 class LatentCache:
@@ -151,6 +205,13 @@ class LatentCache:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
+            from tokencompose.data.outputs import IN_PROGRESS, read_marker
+
+            if (read_marker(self.path) or {}).get("state") == IN_PROGRESS:
+                raise FileNotFoundError(
+                    f"{self.path} is an incomplete latent cache (its build was interrupted); "
+                    "run `prepare latents` again with the same settings to finish it"
+                )
             raise FileNotFoundError(
                 f"{self.path} is not a latent cache (no meta.json); build it with `prepare latents`"
             )
@@ -202,7 +263,7 @@ class LatentCache:
             raise StaleCacheError(
                 f"stale latent cache {self.path}: "
                 + "; ".join(problems)
-                + ". Rebuild it with `tokencompose prepare latents`."
+                + ". Rebuild it with `tokencompose prepare latents` into a new folder (or delete this one first)."
             )
 
     def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None:

@@ -148,12 +148,18 @@ def read_jsonl(
 
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:
-    """Write records as Source-A rows, paths relative to the file's folder; returns the number written."""
+    """Write records as Source-A rows, paths relative to the file's folder; returns the number written.
+
+    Atomic: rows go to a temporary sibling renamed onto ``path`` at the end, so an interrupted write
+    (the records are often rendered on the fly) never leaves a short file that looks complete.
+    """
+    from tokencompose.data.outputs import atomic_writer
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_writer(path) as f:
         for record in records:
             f.write(json.dumps(record_to_row(record, root), ensure_ascii=False) + "\n")
             n += 1

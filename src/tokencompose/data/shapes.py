@@ -224,14 +224,18 @@ def make_shapes_dataset(
     """Render ``num`` scenes into ``out`` (``images/``, ``masks/``, ``metadata.jsonl``, ``shapes.json``).
 
     Returns the path of ``metadata.jsonl``. Phrases are the category names, in caption order.
+    ``out`` is claimed with :func:`~tokencompose.data.outputs.claim_output_dir`: a completed render
+    with the same settings is reused, an interrupted one is redone, anything else is refused with a
+    :class:`~tokencompose.errors.UserError`. ``metadata.jsonl`` appears (atomically) only once every
+    image and mask is written.
     """
     from PIL import Image
 
     from tokencompose.data.official import save_mask
+    from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete
     from tokencompose.data.records import Phrase, Record, write_jsonl
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     palette = {c: COLORS[c] for c in (colors or list(COLORS))}
     kw = dict(
         min_objects=min_objects,
@@ -242,6 +246,12 @@ def make_shapes_dataset(
         min_scale=min_scale,
         max_scale=max_scale,
     )
+    meta = dict(seed=seed, num=num, size=size, background=BACKGROUND, templates=list(templates), **kw)
+    meta["colors"] = palette  # names -> RGB, what the detector needs
+    path = out / "metadata.jsonl"
+    _adopt_legacy_render(out, meta)
+    if claim_output_dir(out, SHAPES_COMMAND, meta, intact=lambda m: count_lines(path) == m.get("rows")) is not None:
+        return path  # the same render is already there, complete
 
     def records():
         for i in range(num):
@@ -259,12 +269,32 @@ def make_shapes_dataset(
                 phrases.append(Phrase(name, str(mask_path.resolve()), boxes[j]))
             yield Record(str(img_path.resolve()), text, phrases)
 
-    path = out / "metadata.jsonl"
-    write_jsonl(path, records())
-    meta = dict(seed=seed, num=num, size=size, background=BACKGROUND, templates=list(templates), **kw)
-    meta["colors"] = palette  # names -> RGB, what the detector needs
-    (out / "shapes.json").write_text(json.dumps(meta, indent=2))
+    path.unlink(missing_ok=True)  # an interrupted redo must not leave the previous list in place
+    atomic_write_text(out / "shapes.json", json.dumps(meta, indent=2))
+    rows = write_jsonl(path, records())
+    mark_complete(out, SHAPES_COMMAND, meta, rows=rows)
     return path
+
+
+SHAPES_COMMAND = "prepare shapes"
+
+
+def _adopt_legacy_render(out: Path, meta: dict) -> None:
+    """Mark a render made before completion markers existed as complete when it provably is.
+
+    Those versions wrote ``shapes.json`` after the whole ``metadata.jsonl``: matching settings plus
+    the full row count mean the render finished.
+    """
+    from tokencompose.data.outputs import count_lines, mark_complete, read_marker
+
+    if not out.is_dir() or read_marker(out) is not None:
+        return
+    try:
+        old = json.loads((out / "shapes.json").read_text())
+    except (OSError, ValueError):
+        return
+    if old == json.loads(json.dumps(meta)) and count_lines(out / "metadata.jsonl") == meta["num"]:
+        mark_complete(out, SHAPES_COMMAND, meta, rows=meta["num"])
 
 
 from tokencompose.data.shapes_detect import detect_shapes, label_components  # noqa: E402  (re-export)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 # name -> (module, one-line help). A module that is not importable is skipped, so the CLI never
 # breaks because one optional part is missing.
+# Commands that load diffusers / transformers models: their per-model loading bars are silenced
+# (importing those libraries just to silence them would cost the light commands seconds).
+LOADS_MODELS = {"demo", "pretrain", "train", "generate", "evaluate", "visualize", "export"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tokencompose.commands.demo", "run the whole method on the built-in shapes world"),
     "prepare": ("tokencompose.commands.prepare", "build datasets (shapes, coco) and latent caches"),
@@ -48,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    from tokencompose.console import setup_console
+
+    setup_console(verbose=args.verbose)
     if args.version:
         from tokencompose import __version__
 
@@ -64,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; user mistakes become one line on stderr and exit status 2."""
+    from tokencompose.console import quiet_model_loading
     from tokencompose.errors import UserError, environment_error_message, one_line
 
+    if args.command in LOADS_MODELS:
+        quiet_model_loading()
     try:
         return int(args._run(args) or 0)
     except UserError as err:

@@ -9,10 +9,12 @@ autograd intact, for the losses. Every other layer keeps its fused processor.
 Installation goes through diffusers' attention-processor API (``set_attn_processor``) and is undone
 on exit of :class:`AttentionCapture`; nothing is monkey-patched.
 
-Store semantics: a forward pre-hook on the UNet clears the store at the start of every UNet forward,
-and each layer keeps the **first** map it produces in that forward. Gradient checkpointing recomputes
-a block's forward during backward; that recomputation must neither replace the maps the losses already
-hold nor add new ones, and first-write-wins guarantees it.
+Store semantics: a forward pre-hook on the UNet clears and arms the store at the start of every UNet
+forward, and each layer keeps the **first** map it produces in that forward. Gradient checkpointing
+recomputes a block's forward during backward; that recomputation must neither replace the maps the
+losses already hold nor add new ones: first-write-wins covers a recompute before ``clear()``, and
+``clear()`` disarms the store until the next forward, so a recompute after it (the usual case: the
+step clears the store before ``backward``) records nothing and the maps are freed with the graph.
 
 Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens (77 for CLIP).
 """
@@ -76,10 +78,19 @@ class AttentionStore:
         self.sizes: dict[str, Size] = {}
         self.latent_size: Size | None = None
         self.columns: torch.Tensor | None = None  # keep only these token columns (``[K]`` long), or all
+        self.armed = True  # records only between a UNet forward's start and the next clear()
 
     def clear(self) -> None:
+        """Drop the maps and stop recording until :meth:`start` (the next UNet forward)."""
         self.maps = {}
         self.sizes = {}
+        self.armed = False
+
+    def start(self) -> None:
+        """Begin a forward: an empty store that records."""
+        self.maps = {}
+        self.sizes = {}
+        self.armed = True
 
     def spatial_size(self, n: int) -> Size:
         """``(h, w)`` of a layer with ``n`` query positions: the latent size divided by the layer's stride."""
@@ -99,7 +110,9 @@ class AttentionStore:
         return (side, side)
 
     def record(self, name: str, probs: torch.Tensor) -> None:
-        if name in self.maps:  # recomputation under gradient checkpointing, or a second call: keep the first
+        # Not armed: a checkpoint recompute in the backward after clear(). Already there: a recompute
+        # before clear(), or a second call in one forward. Either way keep what the losses hold.
+        if not self.armed or name in self.maps:
             return
         self.maps[name] = probs
         self.sizes[name] = self.spatial_size(probs.shape[-2])
@@ -280,7 +293,7 @@ class AttentionCapture:
         self._original, self._hook = None, None
 
     def _pre_forward(self, module, args, kwargs) -> None:
-        self.store.clear()
+        self.store.start()
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self.store.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))

@@ -115,10 +115,23 @@ def pixel_loss_at(cols: Sequence[torch.Tensor], valid: torch.Tensor, mask: torch
     _, phrase_valid, phrases = _phrase_counts(valid)
     avg = sum(c.mean(1) for c in cols) / len(cols)  # heads, then layers: [B, N, P, T]
     prob = (avg * valid.unsqueeze(1)).sum(-1)  # [B, N, P]
+    prob = prob.transpose(1, 2)  # [B, P, N]
+    return (_bce(prob, mask.float()).mean(-1) * phrase_valid).sum(-1) / phrases
+
+
+def _bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``BCELoss(reduction="none")`` that turns a non-finite probability into NaN, not an error.
+
+    torch's BCE checks its input range (an exception on the CPU, a device assert on CUDA), so a
+    diverged map would crash the step before ``train.nan_policy`` sees it. Non-finite entries are
+    scored on a stand-in value and set back to NaN afterwards; finite ones go through torch's own
+    kernel (its -100 log clamp and its gradient), so values match the paper's code exactly. No host sync.
+    """
+    bad = ~torch.isfinite(prob)
     # Rounding can push a sum of probabilities a hair above 1; BCE needs [0, 1].
-    prob = prob.clamp(0.0, 1.0).transpose(1, 2)  # [B, P, N]
-    bce = F.binary_cross_entropy(prob, mask.float(), reduction="none").mean(-1)  # [B, P]
-    return (bce * phrase_valid).sum(-1) / phrases
+    safe = torch.where(bad, torch.full_like(prob, 0.5), prob).clamp(0.0, 1.0)
+    bce = F.binary_cross_entropy(safe, target, reduction="none")
+    return torch.where(bad, torch.full_like(bce, float("nan")), bce)
 
 
 def grounding_losses(

@@ -25,13 +25,12 @@ import torch
 from PIL import Image
 
 from tokencompose.data import records as R
-from tokencompose.data.official import load_mask
+from tokencompose.data.official import image_drop_reason, load_mask, open_image, same_aspect
+from tokencompose.errors import UserError
 from tokencompose.masks import Size, attention_sizes, masks_at_resolutions
 from tokencompose.tokens import phrase_token_positions
 
 log = logging.getLogger(__name__)
-
-MAX_SUBSTITUTES = 16  # how many following records to try when an image cannot be read
 
 
 class JsonlIndex:
@@ -79,8 +78,11 @@ def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, in
 
 
 def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image file -> (float ``[3, S, S]`` in [-1, 1] after resize-shorter-side + center crop, original (W, H))."""
-    with Image.open(path) as im:
+    """Image file -> (float ``[3, S, S]`` in [-1, 1] after resize-shorter-side + center crop, original (W, H)).
+
+    Raises ``OSError`` / ``ValueError`` for a file that cannot be used (see :func:`open_image`).
+    """
+    with open_image(path) as im:
         image = im.convert("RGB")
     width, height = image.size
     new_w, new_h, left, top, _, _ = crop_geometry(width, height, size)
@@ -133,6 +135,7 @@ class TokenDataset(torch.utils.data.Dataset):
                 raise ValueError("flip=True cannot be used with a latent cache: the cache holds unflipped latents")
             latent_cache.check(image_size=self.image_size, num_records=len(self.source), records=self.source)
         self.latent_cache = latent_cache
+        self._unusable: set[int] = set()  # records whose image failed in this process (skipped as substitutes)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -145,15 +148,30 @@ class TokenDataset(torch.utils.data.Dataset):
         return dict(self._index_drops)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i``; when its image is unusable, the next usable record in its place.
+
+        Only record ``i``'s own drops are reported: a substitute's drops are counted when it is
+        loaded as itself, so every drop is counted once per epoch. A run of unusable records is
+        skipped whatever its length; only a dataset with no usable record at all is an error.
+        """
         dropped: list[str] = []
         n = len(self)
-        for k in range(min(MAX_SUBSTITUTES, n)):
+        for k in range(n):
             j = (i + k) % n
-            sample = self._load(j, dropped)
+            if k and j in self._unusable:
+                continue
+            sample = self._load(j, dropped if k == 0 else [])
             if sample is not None:
                 sample["dropped"] = dropped
                 return sample
-        raise RuntimeError(f"records {i}..{i + MAX_SUBSTITUTES - 1} all have unreadable images; see the log")
+            self._unusable.add(j)
+        raise UserError(
+            f"none of the {n} records of {self._source_name()} has a usable image (see the warnings above); "
+            "check the image paths of the training list"
+        )
+
+    def _source_name(self) -> str:
+        return getattr(self.source, "path", "the record list")
 
     # -- one sample --------------------------------------------------------------------------------
     def _load(self, i: int, dropped: list[str]) -> dict[str, Any] | None:
@@ -164,21 +182,18 @@ class TokenDataset(torch.utils.data.Dataset):
         if self.latent_cache is not None:
             got = self.latent_cache.get(i)
             if got is None:
-                log.warning("no cached latent for record %d (%s): substituting the next record", i, rec.image)
-                dropped.append(R.MISSING_LATENT)
+                R.note_drop(
+                    dropped, R.MISSING_LATENT, "no cached latent for record %d (%s): another record used", i, rec.image
+                )
                 return None
             sample["latent_mean"], sample["latent_std"], (width, height) = got
             geom = crop_geometry(width, height, s)
         else:
             try:
                 pixels, (width, height) = load_image(rec.image, s)
-            except FileNotFoundError:
-                log.warning("missing image %s: substituting the next record", rec.image)
-                dropped.append(R.MISSING_IMAGE)
-                return None
             except (OSError, ValueError) as err:
-                log.warning("unreadable image %s (%s): substituting the next record", rec.image, err)
-                dropped.append(R.UNREADABLE_IMAGE)
+                reason = image_drop_reason(err)
+                R.note_drop(dropped, reason, "%s: %s (%s): another record used", reason, rec.image, err)
                 return None
             geom = crop_geometry(width, height, s)
             sample["pixel_values"] = pixels
@@ -201,15 +216,26 @@ class TokenDataset(torch.utils.data.Dataset):
             if pos is None:
                 found = phrase_token_positions(self.tokenizer, rec.caption, ph.text, 1 << 30)
                 reason = R.BEYOND_TOKEN_WINDOW if found is not None else R.PHRASE_NOT_IN_CAPTION
-                log.warning("dropping phrase %r of %s: %s", ph.text, rec.image, reason)
-                dropped.append(reason)
+                R.note_drop(dropped, reason, "dropping phrase %r of %s: %s", ph.text, rec.image, reason)
                 continue
             mask = self._load_mask(ph.mask, (width, height), geom, dropped)
             if mask is None:
                 continue
             if flip:
                 mask = mask[:, ::-1]
-            box = _crop_box(ph.box, geom, s, flip) if ph.box is not None else _mask_box(mask)
+            given = ph.box
+            if given is not None and not R.valid_box(given):
+                # NaN/inf or empty boxes crash roi_align; the mask still gives the object's box.
+                R.note_drop(
+                    dropped,
+                    R.BAD_BOX,
+                    "bad box %s of phrase %r of %s: box taken from its mask",
+                    given,
+                    ph.text,
+                    rec.image,
+                )
+                given = None
+            box = _crop_box(given, geom, s, flip) if given is not None else _mask_box(mask)
             positions.append(pos)
             masks.append(np.ascontiguousarray(mask))
             boxes.append(box if box is not None else (0.0, 0.0, 0.0, 0.0))
@@ -231,19 +257,32 @@ class TokenDataset(torch.utils.data.Dataset):
         """Mask file -> bool ``[S, S]`` in the crop, or None (reason appended)."""
         try:
             mask = load_mask(path)
-        except FileNotFoundError:
-            log.warning("missing mask %s: phrase dropped", path)
-            dropped.append(R.MISSING_MASK)
-            return None
         except (OSError, ValueError) as err:
-            log.warning("unreadable mask %s (%s): phrase dropped", path, err)
-            dropped.append(R.UNREADABLE_MASK)
+            reason = image_drop_reason(err, mask=True)
+            R.note_drop(dropped, reason, "%s: %s (%s): phrase dropped", reason, path, err)
             return None
         im = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
         if im.size != image_size:
-            # Masks that do not match their image are stretched onto it first, then cropped with it.
-            log.debug("mask %s is %s, image is %s: resized to the image", path, im.size, image_size)
-            dropped.append(R.MASK_RESIZED)
+            if not same_aspect(im.size, image_size):
+                # Stretching it would put the object somewhere else: it is not this image's mask.
+                R.note_drop(
+                    dropped,
+                    R.MASK_ASPECT_MISMATCH,
+                    "mask %s is %dx%d, its image %dx%d: phrase dropped",
+                    path,
+                    *im.size,
+                    *image_size,
+                )
+                return None
+            # A mask at another scale (a downsampled copy) is resized onto its image, then cropped with it.
+            R.note_drop(
+                dropped,
+                R.MASK_RESIZED,
+                "mask %s is %dx%d, its image %dx%d: resized to the image",
+                path,
+                *im.size,
+                *image_size,
+            )
             im = im.resize(image_size, Image.NEAREST)
         new_w, new_h, left, top, _, _ = geom
         s = self.image_size

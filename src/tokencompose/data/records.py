@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,16 +27,72 @@ Box = tuple[float, float, float, float]
 MALFORMED_LINE = "malformed_line"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_NOT_A_FILE = "image_not_a_regular_file"  # a FIFO, device or folder: opening it could block forever
+IMAGE_TOO_LARGE = "image_too_large"  # header claims more pixels than MAX_IMAGE_PIXELS (decompression bomb)
 NULL_MASK = "null_mask"
 MISSING_MASK = "missing_mask"
 UNREADABLE_MASK = "unreadable_mask"
+MASK_NOT_A_FILE = "mask_not_a_regular_file"
+MASK_TOO_LARGE = "mask_too_large"
 MASK_RESIZED = "mask_resized_to_image"  # not a drop: the mask was resized to the image, then cropped
+MASK_ASPECT_MISMATCH = "mask_aspect_differs_from_image"  # stretching it would misplace the object
+BAD_BOX = "bad_box"  # NaN/inf or empty box: the phrase keeps its mask, its box comes from the mask
 EMPTY_MASK = "empty_mask_after_crop"
 PHRASE_NOT_IN_CAPTION = "phrase_not_in_caption"
 BEYOND_TOKEN_WINDOW = "phrase_beyond_token_window"
 DUPLICATE_PHRASE = "duplicate_phrase"
 NO_USABLE_PHRASE = "no_usable_phrase"  # the sample is kept for the denoising loss only
 MISSING_LATENT = "missing_latent"
+
+# Every reason, in a fixed order (drop counts are summed across processes as one tensor).
+ALL_REASONS: tuple[str, ...] = (
+    MALFORMED_LINE,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    IMAGE_NOT_A_FILE,
+    IMAGE_TOO_LARGE,
+    NULL_MASK,
+    MISSING_MASK,
+    UNREADABLE_MASK,
+    MASK_NOT_A_FILE,
+    MASK_TOO_LARGE,
+    MASK_RESIZED,
+    MASK_ASPECT_MISMATCH,
+    BAD_BOX,
+    EMPTY_MASK,
+    PHRASE_NOT_IN_CAPTION,
+    BEYOND_TOKEN_WINDOW,
+    DUPLICATE_PHRASE,
+    NO_USABLE_PHRASE,
+    MISSING_LATENT,
+)
+# Record-level reasons: the whole sample was unusable (another record was trained on in its place).
+RECORD_DROPS = frozenset(
+    {MALFORMED_LINE, MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_NOT_A_FILE, IMAGE_TOO_LARGE, MISSING_LATENT}
+)
+# Counts that describe the data as the format allows it, not a broken input (see ``prepare official``).
+INFORMATIONAL = frozenset(
+    {MASK_RESIZED, NULL_MASK, NO_USABLE_PHRASE, DUPLICATE_PHRASE, PHRASE_NOT_IN_CAPTION, BEYOND_TOKEN_WINDOW}
+)
+
+_warned: set[str] = set()  # reasons already warned about in this process
+
+
+def note_drop(dropped: list[str], reason: str, message: str, *args: Any) -> None:
+    """Append ``reason`` to ``dropped`` and log ``message % args``: a warning the first time per reason
+    in this process, debug after that (the counts go to the run's metrics, not the console)."""
+    dropped.append(reason)
+    if reason in _warned:
+        log.debug(message, *args)
+        return
+    _warned.add(reason)
+    log.warning(message + " (further %s drops are counted in the run's metrics, not logged)", *args, reason)
+
+
+def valid_box(box: Box) -> bool:
+    """A box is usable when all four values are finite and it has positive width and height."""
+    x0, y0, x1, y1 = box
+    return all(math.isfinite(v) for v in box) and x1 > x0 and y1 > y0
 
 
 @dataclass(frozen=True)
@@ -176,11 +233,18 @@ class DropCounter:
     def __init__(self, initial: Mapping[str, int] | None = None) -> None:
         self._initial = Counter(initial or {})
         self.counts: Counter[str] = Counter(self._initial)
+        self.samples: Counter[str] = Counter()  # per-sample drops of the whole run, never reset
 
     def update(self, dropped: Mapping[str, Any] | Iterable[str]) -> None:
         """Add a batch (dict with a ``"dropped"`` list) or an iterable of reason strings."""
-        reasons = dropped.get("dropped", []) if isinstance(dropped, Mapping) else dropped
+        reasons = list(dropped.get("dropped", []) if isinstance(dropped, Mapping) else dropped)
         self.counts.update(reasons)
+        self.samples.update(reasons)
+
+    @property
+    def initial(self) -> dict[str, int]:
+        """Index-time drops (malformed lines): once per dataset, whatever the number of epochs."""
+        return dict(self._initial)
 
     def reset(self) -> None:
         """Start a new epoch (index-time drops are kept: they apply to every epoch)."""

@@ -17,11 +17,18 @@ mean over the global batch.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from tokencompose.data import records as R
+
+log = logging.getLogger(__name__)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -127,3 +134,34 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+DROP_METRIC = "data/dropped/"  # metric name prefix: ``data/dropped/<reason>``
+
+
+def drop_metrics(drops: R.DropCounter, accelerator: Any) -> dict[str, int]:
+    """Drops of the run so far by reason, summed over processes: ``{"data/dropped/<reason>": n}`` (nonzero only).
+
+    Collective under several processes (every process must call it at the same step). Index-time
+    drops (malformed lines) are counted once, not once per process or epoch. Counts restart at a resume.
+    """
+    local = torch.tensor([drops.samples[r] for r in R.ALL_REASONS], dtype=torch.long, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="sum")
+    initial = drops.initial
+    counts = {r: int(v) + initial.get(r, 0) for r, v in zip(R.ALL_REASONS, local.tolist(), strict=True)}
+    return {DROP_METRIC + r: v for r, v in counts.items() if v}
+
+
+def report_drops(drops: R.DropCounter, epoch: int, totals: dict[str, int], run_dir: str | Path) -> None:
+    """End of training: log the last (possibly partial) epoch's drops and the run's, and write ``data_drops.json``."""
+    from tokencompose.data.outputs import atomic_write_text
+
+    drops.report(log, prefix=f"epoch {epoch} data drops (up to the last step)")
+    by_reason = {k.removeprefix(DROP_METRIC): v for k, v in sorted(totals.items())}
+    body = ", ".join(f"{k}={v}" for k, v in by_reason.items()) or "none"
+    if set(by_reason) - R.INFORMATIONAL:
+        log.warning("data drops over the run: %s (see data_drops.json)", body)
+    else:
+        log.info("data drops over the run: %s", body)
+    atomic_write_text(Path(run_dir) / "data_drops.json", json.dumps(by_reason, indent=2) + "\n")

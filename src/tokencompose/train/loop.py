@@ -22,7 +22,7 @@ import torch
 from tokencompose.config import Config, validate
 from tokencompose.train import setup
 from tokencompose.train.checkpoint import Checkpointer, TrainState, all_finite, latest_checkpoint
-from tokencompose.train.data import batch_stream, build_loader, to_device
+from tokencompose.train.data import batch_stream, build_loader, drop_metrics, report_drops, to_device
 from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
 from tokencompose.train.runinfo import write_config, write_manifest
 from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
@@ -351,6 +351,7 @@ class _Loop:
                 row["peak_mem_gib"] = peak_memory_gib(self.accelerator.device)
                 row["nan_skips"] = state.nan_skips
                 row["epoch"] = epoch
+                row.update(drop_metrics(drops, self.accelerator))  # the run's drops so far (collective)
                 tick, tick_step, last = now, state.step, row
                 if writer is not None:
                     writer.write(state.step, row)
@@ -361,6 +362,9 @@ class _Loop:
                 if writer is not None:
                     bar.write(f"checkpoint: {path}")
         bar.close()
+        totals = drop_metrics(drops, self.accelerator)  # collective: every process ends at the same step
+        if writer is not None:
+            report_drops(drops, epoch, totals, cfg.run_dir)
         if writer is not None and state.nan_skips:
             log.warning("%d optimizer step(s) were skipped for a non-finite loss or gradient", state.nan_skips)
         return last

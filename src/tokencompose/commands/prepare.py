@@ -88,10 +88,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote latent cache: {out}")
         return 0
     if args.source == "official":
-        from tokencompose.data.official import validate
+        from tokencompose.data.official import defects, validate
+        from tokencompose.errors import UserError
         from tokencompose.models import clip_tokenizer
 
         counts = validate(args.data, root=args.root, tokenizer=clip_tokenizer(), max_rows=args.max_rows)
         print(json.dumps(dict(sorted(counts.items())), indent=2))
+        bad = defects(counts)
+        if bad:  # a check that finds broken inputs must not look like a pass to a script
+            found = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise UserError(
+                f"{args.data}: {counts['rows']} rows checked, broken inputs found ({found}); fix or remove them"
+            )
+        print(f"{args.data}: {counts['rows']} rows checked, no broken inputs")
         return 0
     raise ValueError(f"unknown source {args.source!r}")

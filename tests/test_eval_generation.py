@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import (
     GenerationSettings,
     build_pipeline,
@@ -68,7 +69,7 @@ def test_generate_resume_and_subset_identical(tmp_path: Path, pipe) -> None:
         assert np.abs(_pixels(out / n) - first[n]).max() <= 1
     assert not list(out.glob(".*tmp"))
     assert json.loads((out / "generation.json").read_text())["steps"] == 2
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         generate_images(pipe, PROMPTS, out, GenerationSettings(steps=3, height=64, width=64, images_per_prompt=2))
 
 

@@ -87,8 +87,14 @@ def run_multigen(args: argparse.Namespace) -> int:
         run_generation,
         settings_from_args,
     )
-    from tokencompose.evaluation.detectors import load_detector
-    from tokencompose.evaluation.multigen import detect_folder, multigen_result, prompts_digest
+    from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
+    from tokencompose.evaluation.multigen import (
+        detect_folder,
+        detection_record,
+        multigen_result,
+        precheck_detections,
+        prompts_digest,
+    )
     from tokencompose.evaluation.prompts import load_prompts, save_prompts
     from tokencompose.evaluation.results import load_result, read_detections, write_json_atomic
 
@@ -113,11 +119,17 @@ def run_multigen(args: argparse.Namespace) -> int:
     image_dir = Path(args.images or out_dir / "images")
     prompts, info = resolve_prompts(args)
     device, shard, num_shards, state = resolve_device_and_shard(args)
-    if shard == 0:
-        save_prompts(prompts, out_dir / "prompts.json")
     info.update(saved="prompts.json", sha256=prompts_digest(prompts))
     settings = settings_from_args(args)
     resolve_model_args(args)
+    # Everything that can be refused is checked before the hours of generation.
+    kind = detector_kind(args.detector, args.detector_revision)
+    # The shapes detector has one fixed template; the others take --query-template.
+    template = default_template(kind) if kind == "shapes" else (args.query_template or default_template(kind))
+    early = detection_record(
+        kind, args.detector, template, args.queries, prompts, _torch_dtype(args.detector_dtype), None
+    )
+    precheck_detections(out_dir, early)
     if not args.skip_generation:
         if not args.model:
             raise SystemExit("--model is required unless --skip-generation or --rescore")
@@ -146,6 +158,7 @@ def run_multigen(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
     if shard != 0:
         return 0
+    save_prompts(prompts, out_dir / "prompts.json")  # what --rescore reads: these prompts' detections only
     gen_file = image_dir / "generation.json"
     result = multigen_result(
         read_detections(out_dir),

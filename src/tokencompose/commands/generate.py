@@ -116,8 +116,10 @@ def resolve_device_and_shard(args: argparse.Namespace) -> tuple[Any, int, int, A
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    from tokencompose.evaluation.generation import GenerationSettings
+    """The generation settings of the command line, checked before any model loads."""
+    from tokencompose.evaluation.generation import GenerationSettings, check_scheduler
 
+    check_scheduler(args.scheduler)
     return GenerationSettings(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -220,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
     device, shard, n, state = resolve_device_and_shard(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if shard == 0:
-        save_prompts(prompts, out / "prompts.json")
     log.info("prompts: %s (%d); shard %d/%d on %s", info["name"], len(prompts), shard, n, device)
     run_generation(args, prompts, out, device, shard, n)
     if state is not None:
         state.wait_for_everyone()
+    if shard == 0:
+        # Only once the folder's images are known to be these prompts' (generation refuses others).
+        save_prompts(prompts, out / "prompts.json")
     return 0

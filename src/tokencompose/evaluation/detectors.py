@@ -11,13 +11,15 @@ from others. Nothing is thresholded here: the stored per-category maxima rescore
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from tokencompose.models import hf_dtype
+from tokencompose.errors import UserError, one_line
+from tokencompose.models import hf_dtype, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +237,37 @@ class ShapesDetector:
         return results
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: every open-vocabulary detector on the hub
+
+
+def check_detector_name(name: str | Path) -> None:
+    """Refuse a detector name that cannot resolve: not ``shapes``, not an existing folder, not ``org/name``.
+
+    Cheap and offline, so a typo is reported before any image is generated.
+    """
+    text = str(name)
+    if text == "shapes":
+        return
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"detector folder {text} has no config.json: pass a transformers detector folder")
+        return
+    if looks_like_path(text) or folder.exists():
+        raise UserError(f"detector folder {text} does not exist")
+    if not HUB_ID.match(text):
+        raise UserError(
+            f"unknown detector {text!r}: use 'shapes', a local detector folder, or a hub id such as {PAPER_DETECTOR}"
+        )
+
+
 def detector_kind(name: str | Path, revision: str | None = None) -> str:
-    """``"shapes"``, ``"owlv2"``, ``"owlvit"`` or ``"grounding-dino"`` from the name or the model's config."""
+    """``"shapes"``, ``"owlv2"``, ``"owlvit"`` or ``"grounding-dino"`` from the name or the model's config.
+
+    Reads only the config (a local file, or one small download), so callers use it to check the detector
+    before generating; a name that does not resolve is a :class:`UserError`.
+    """
+    check_detector_name(name)
     if str(name) == "shapes":
         return "shapes"
     from transformers import AutoConfig
@@ -244,10 +275,18 @@ def detector_kind(name: str | Path, revision: str | None = None) -> str:
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     if Path(str(name)).exists():
         kw["local_files_only"] = True
-    model_type = AutoConfig.from_pretrained(str(name), **kw).model_type
+    try:
+        model_type = AutoConfig.from_pretrained(str(name), **kw).model_type
+    except (OSError, ValueError) as err:
+        raise UserError(f"detector {name} could not be loaded: {one_line(str(err))}") from err
     if model_type not in ("owlv2", "owlvit", "grounding-dino"):
-        raise ValueError(f"unsupported detector model type {model_type!r} ({name})")
+        raise UserError(f"unsupported detector model type {model_type!r} ({name}): use OWLv2, OWL-ViT, Grounding DINO")
     return model_type
+
+
+def default_template(kind: str) -> str:
+    """The query template a detector of ``kind`` uses when none is given."""
+    return {"shapes": ShapesDetector.template, "grounding-dino": GDINO_TEMPLATE}.get(kind, OWL_TEMPLATE)
 
 
 def load_detector(

@@ -2,7 +2,9 @@
 
 Every image ``"<uid>_<index>.png"`` has its own seed derived from (base seed, prompt id, image index) and
 its own initial noise drawn on the CPU, so any subset, any batch size, any number of processes and any
-device draw the same noise. Images already on disk are skipped; a file is written to a temporary name and
+device draw the same noise. Images already on disk are skipped when they read back whole and carry the
+provenance this run would give them (:mod:`tokencompose.evaluation.provenance`); broken ones are redone,
+ones from other prompts or settings refused; a file is written to a temporary name and
 renamed (``os.replace``), so a crash never leaves a half-written image. The safety checker is **off** by
 default (the paper's evaluation counts objects; a blacked-out image would be a false miss).
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -21,7 +22,16 @@ from typing import Any
 
 import torch
 
+from tokencompose.errors import UserError
 from tokencompose.evaluation.prompts import Prompt
+from tokencompose.evaluation.provenance import (
+    check_folder_record,
+    check_image,
+    digest,
+    image_record,
+    png_info,
+    read_png,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +80,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def check_scheduler(name: str) -> None:
+    """Refuse an unknown scheduler name before any model is loaded or image made."""
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+
+
 def make_scheduler(model: str | Path, name: str) -> Any:
     """A sampling scheduler configured from the model's ``scheduler/`` config."""
     import diffusers
 
+    check_scheduler(name)
     classes = {
         "pndm": diffusers.PNDMScheduler,
         "ddim": diffusers.DDIMScheduler,
@@ -168,10 +185,13 @@ class GenerationReport:
     seconds: float = 0.0
 
 
-def save_png_atomic(image: Any, path: Path) -> None:
-    """Encode in memory, write a temporary sibling, then rename: readers see the whole file or none."""
+def save_png_atomic(image: Any, path: Path, record: dict[str, Any] | None = None) -> None:
+    """Encode in memory, write a temporary sibling, then rename: readers see the whole file or none.
+
+    ``record`` (the image's provenance) goes into the PNG itself, so it is written in the same rename.
+    """
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", **({"pnginfo": png_info(record)} if record else {}))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
@@ -180,30 +200,30 @@ def save_png_atomic(image: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_settings_file(out_dir: Path, record: dict[str, Any]) -> None:
-    """Refuse to add images to a folder made with other pixel-affecting settings; else record them."""
-    path = out_dir / SETTINGS_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k for k in set(old) | set(record) if old.get(k) != record.get(k)}
-        if diff:
-            changed = ", ".join(sorted(diff))
-            raise ValueError(f"{out_dir} holds images made with other settings ({changed}); use a new folder")
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def pending_jobs(
-    prompts: Sequence[Prompt], images_per_prompt: int, out_dir: Path, shard: int = 0, num_shards: int = 1
+    prompts: Sequence[Prompt],
+    images_per_prompt: int,
+    out_dir: Path,
+    shard: int = 0,
+    num_shards: int = 1,
+    expect: Callable[[Prompt, int], dict[str, Any]] | None = None,
 ) -> tuple[list[tuple[Prompt, int]], int]:
-    """This shard's (prompt, index) pairs that have no image yet, and how many of its pairs were present.
+    """This shard's (prompt, index) pairs that have no intact image yet, and how many of its pairs were present.
 
     Pairs are dealt round-robin in (prompt order, index) order, so shards are disjoint and cover everything.
+    A present image must read back whole (else it is redone, and logged) and, given ``expect`` (the
+    provenance record a pair's image must carry), match it (else :class:`UserError`, see
+    :func:`~tokencompose.evaluation.provenance.check_image`).
     """
     jobs = [(p, i) for p in prompts for i in range(images_per_prompt)][shard::num_shards]
-    todo = [(p, i) for p, i in jobs if not (out_dir / image_name(p.uid, i)).is_file()]
+    todo = []
+    for p, i in jobs:
+        path = out_dir / image_name(p.uid, i)
+        if not path.is_file():
+            todo.append((p, i))
+        elif not (check_image(path, expect(p, i)) if expect else read_png(path)[0]):
+            log.warning("%s is broken (truncated or empty): generating it again", path)
+            todo.append((p, i))
     return todo, len(jobs) - len(todo)
 
 
@@ -221,15 +241,23 @@ def generate_images(
 ) -> GenerationReport:
     """Generate this shard's missing images into ``out_dir`` (``<uid>_<index>.png``), ``batch_size`` at a time.
 
-    ``record`` (model, checkpoint, ...) is stored with the settings in ``generation.json``; a folder made with
-    different settings is refused. ``on_batch(done, total)`` reports progress.
+    ``record`` (model, checkpoint, dtype, ...) is stored with the settings in ``generation.json``, and each
+    image carries its prompt, seed and the digest of that record; a folder holding images made from other
+    prompts or settings is refused (:class:`UserError`), a broken image is made again.
+    ``on_batch(done, total)`` reports progress.
     """
     import time
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings_file(out_dir, {**(record or {}), **settings.image_affecting()})
-    todo, skipped = pending_jobs(prompts, settings.images_per_prompt, out_dir, shard, num_shards)
+    folder_record = {**(record or {}), **settings.image_affecting()}
+    check_folder_record(out_dir, SETTINGS_FILE, folder_record, "images")
+    settings_digest = digest(folder_record)
+
+    def expect(p: Prompt, i: int) -> dict[str, Any]:
+        return image_record(p.uid, i, p.text, image_seed(settings.seed, p.uid, i), settings_digest)
+
+    todo, skipped = pending_jobs(prompts, settings.images_per_prompt, out_dir, shard, num_shards, expect)
     report = GenerationReport(skipped=skipped)
     start = time.perf_counter()
     channels = pipe.unet.config.in_channels
@@ -253,7 +281,7 @@ def generate_images(
         flags = out.nsfw_content_detected or [False] * len(batch)
         for (p, i), image, flagged in zip(batch, out.images, flags, strict=True):
             name = image_name(p.uid, i)
-            save_png_atomic(image, out_dir / name)
+            save_png_atomic(image, out_dir / name, expect(p, i))
             report.written.append(name)
             if flagged:
                 report.nsfw.append(name)

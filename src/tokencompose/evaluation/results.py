@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tokencompose.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DETECTIONS_GLOB = "detections*.jsonl"
@@ -94,8 +96,20 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+RESULT_KINDS = ("multigen", "grounding")
+
+
 def load_result(path: str | Path) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
+    """A results file of ``tokencompose evaluate``; anything else (missing, empty, other JSON) is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"results file {path} does not exist: pass a results.json written by tokencompose evaluate")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"results file {path} is empty or not JSON ({err}): evaluate again to rewrite it") from err
+    if not isinstance(data, dict) or data.get("kind") not in RESULT_KINDS or not isinstance(data.get("scores"), dict):
+        raise UserError(f"{path} is not a results file of tokencompose evaluate (no multigen/grounding scores)")
     data.setdefault("_path", str(path))
     return data
 

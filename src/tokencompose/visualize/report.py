@@ -5,8 +5,9 @@ Inputs are files or folders, searched a few levels deep: ``config.yaml`` (config
 ``multigen`` or ``grounding`` (tables with ± and 95% CIs), and figure folders (``figures.json``
 manifests written by ``tokencompose visualize``; loose ``attention_*``/``masks_*``/``grid*``/
 ``loss_curves`` PNGs too). Images are embedded as base64 data URIs and the CSS is inline, so the page
-needs no network and can be mailed as one file. Anything missing is omitted with a note; nothing here
-raises on a malformed input file.
+needs no network and can be mailed as one file. A section with nothing to show is omitted with a note;
+nothing here raises on a malformed input file, but an input that does not exist, or inputs with nothing
+to report at all, are refused.
 """
 
 from __future__ import annotations
@@ -350,8 +351,22 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
 
 
 def build_report(inputs: Sequence[str | Path], out: str | Path, title: str = "TokenCompose report") -> Path:
-    """Collect ``inputs`` and write the page to ``out``; returns its path."""
+    """Collect ``inputs`` and write the page to ``out``; returns its path.
+
+    A missing input, or inputs that hold nothing to show, are a :class:`UserError` (an empty page would
+    look like a report); a malformed file among usable ones is only noted on the page.
+    """
+    from tokencompose.errors import UserError
+
+    for inp in inputs:
+        if not Path(inp).exists():
+            raise UserError(f"report input {inp} does not exist: pass run folders, results JSON or figure folders")
     got = collect(inputs)
+    if not (got.configs or got.metrics or got.results or got.figures or got.summaries):
+        names = ", ".join(str(i) for i in inputs)
+        raise UserError(
+            f"nothing to report in {names}: no config.yaml, metrics.jsonl, results JSON or figures found there"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(got, title), encoding="utf-8")

@@ -21,8 +21,26 @@ def models(tmp_path_factory):
     tiny_components(seed=0).save(root / "base")
     tuned = tiny_components(seed=1)
     tuned.save(root / "tuned")
-    tuned.unet.save_pretrained(root / "ckpt" / "unet")  # a UNet-only checkpoint, loaded on --base
+    tuned.unet.save_pretrained(root / "ckpt" / "unet")  # a UNet-only checkpoint of base
     return root
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(models):
+    """A LoRA checkpoint of the base (non-zero adapters), as the trainer writes it."""
+    import torch
+
+    from tokencompose.models import load_components
+    from tokencompose.train.lora import add_lora, save_lora
+
+    unet = load_components(models / "base").unet
+    add_lora(unet, rank=2, alpha=4.0, target_modules=["to_k", "to_v"])
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    save_lora(unet, models / "lora")
+    return models / "lora"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +57,7 @@ def _manifest(folder):
 def test_attention_from_prompt_is_deterministic(models, tmp_path, tiny):
     from tokencompose.visualize.make import attention_from_prompt
 
-    args = ["visualize", "attention", PROMPT, "--model", f"base={models / 'base'}", "--steps", "2", "--dpi", "60"]
+    args = ["visualize", "attention", PROMPT, "--model", str(models / "base"), "--steps", "2", "--dpi", "60"]
     assert main([*args, "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
     (entry,) = _manifest(tmp_path / "a")
     assert entry["kind"] == "attention" and entry["seed"] == 0 and len(entry["timesteps"]) == 2
@@ -69,9 +87,9 @@ def test_attention_of_an_image_and_caption_with_unet_checkpoint(models, tmp_path
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "figs"
     rc = main(
-        ["visualize", "attention", "a red circle and a blue square", "--model", str(models / "ckpt"), "--base",
-         str(models / "base"), "--image", str(img), "--noise-levels", "200", "600", "--res", "4", "8",
-         "--words", "red circle", "square", "--special", "--out", str(out), "--device", "cpu", "--dpi", "60"]
+        ["visualize", "attention", "a red circle and a blue square", "--checkpoint", str(models / "ckpt"), "--model",
+         str(models / "base"), "--image", str(img), "--timesteps", "200,600", "--res", "4,8",
+         "--words", "red circle,square", "--special", "--out", str(out), "--device", "cpu", "--dpi", "60"]
     )  # fmt: skip
     assert rc == 0
     (entry,) = _manifest(out)
@@ -79,18 +97,29 @@ def test_attention_of_an_image_and_caption_with_unet_checkpoint(models, tmp_path
     assert (out / entry["file"]).is_file()
 
 
-def test_unet_only_checkpoint_needs_base(models):
-    from tokencompose.visualize.capture import load_model
+def test_attention_of_a_lora_checkpoint(models, lora_ckpt, tmp_path):
+    """A LoRA checkpoint is drawn as the fused model (it used to fail with FileNotFoundError)."""
+    out = tmp_path / "figs"
+    common = [PROMPT, "--model", str(models / "base"), "--steps", "2", "--dpi", "60", "--device", "cpu"]
+    assert main(["visualize", "attention", *common, "--checkpoint", str(lora_ckpt), "--out", str(out / "l")]) == 0
+    assert main(["visualize", "attention", *common, "--out", str(out / "b")]) == 0
+    (lora,), (base,) = _manifest(out / "l"), _manifest(out / "b")
+    assert lora["title"].startswith("lora: ") and base["title"].startswith("base: ")
+    assert (out / "l" / lora["file"]).read_bytes() != (out / "b" / base["file"]).read_bytes()
 
-    with pytest.raises(ValueError, match="--base"):
-        load_model(models / "ckpt")
+
+def test_bad_checkpoint_is_one_line_exit_2(models, tmp_path, capsys):
+    rc = main(["visualize", "attention", PROMPT, "--model", str(models / "base"), "--checkpoint",
+               str(tmp_path / "nope"), "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_masks_one_png_per_sample_with_scores(models, shapes, tmp_path):
     out = tmp_path / "masks"
     rc = main(
-        ["visualize", "masks", "--data", str(shapes), "--models", f"base={models / 'base'}",
-         f"tuned={models / 'tuned'}", "--num", "2", "--out", str(out), "--device", "cpu", "--dpi", "60"]
+        ["visualize", "masks", "--data", str(shapes), "--model", str(models / "base"), "--checkpoint",
+         f"tuned={models / 'ckpt'}", "--num", "2", "--out", str(out), "--device", "cpu", "--dpi", "60"]
     )  # fmt: skip
     assert rc == 0
     entries = _manifest(out)
@@ -116,8 +145,8 @@ def test_grid_same_seeds_across_models(models, tmp_path, tiny):
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 5
     out = tmp_path / "grid"
     rc = main(
-        ["visualize", "grid", "--models", f"base={models / 'base'}", f"tuned={models / 'tuned'}", "--prompts",
-         "a red circle", "--seeds", "0", "1", "--steps", "2", "--out", str(out), "--device", "cpu", "--dpi", "60"]
+        ["visualize", "grid", "--model", str(models / "base"), "--checkpoint", f"tuned={models / 'ckpt'}", "--prompt",
+         "a red circle", "--seeds", "0,1", "--steps", "2", "--out", str(out), "--device", "cpu", "--dpi", "60"]
     )  # fmt: skip
     assert rc == 0
     (entry,) = _manifest(out)

@@ -125,29 +125,28 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
 
 
 def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
-    from tokencompose.evaluation.generation import resolve_checkpoint
-    from tokencompose.visualize import capture, make
+    from tokencompose.loading import ModelSettings, load_model
+    from tokencompose.visualize import make
 
     out = Path(s.out) / "figures"
     if (out / "figures.json").is_file():
         return out
-    specs = []
-    for name, ckpt in arms.items():
-        unet = resolve_checkpoint(ckpt)[0] if ckpt is not None else None
-        specs.append((name, str(unet) if unet is not None else str(base)))
+    specs = [
+        (name, ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu"))
+        for name, ckpt in arms.items()
+    ]
     prompt = "a photo of a red circle, a blue square, and a green triangle."
-    for name, path in specs:
-        comps = capture.load_model(path, base)
+    for name, settings in specs:
         make.attention_from_prompt(
-            comps, prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance, label=name
+            load_model(settings), prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance, label=name
         )
-    make.mask_comparisons(heldout, specs, out, base=base, num=3, seed=s.seed, noise_levels=(300,))
+    make.mask_comparisons(heldout, specs, out, num=3, seed=s.seed, noise_levels=(300,))
     prompts = [
         prompt,
         "a photo of a yellow cross and a purple circle.",
         "a photo of a cyan square, a red cross, and a blue circle.",
     ]
-    make.model_grid(specs, prompts, out, base=base, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance)
+    make.model_grid(specs, prompts, out, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance)
     return out  # loss curves: the report draws them from each run's metrics.jsonl
 
 

@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencompose.loading import default_image_size
 from tokencompose.visualize.aggregate import Size, TimestepAccumulator
 
 log = logging.getLogger(__name__)
-
-_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -37,63 +36,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return (p.name or str(p)), spec
 
 
-def load_model(path: str | Path, base: str | Path | None = None) -> Any:
-    """A full diffusers folder, or a UNet-only checkpoint (``unet/`` or a UNet ``config.json``) on ``base``."""
-    from tokencompose.models import load_components
+def sampling_pipeline(comps: Any, scheduler: str = "ddim") -> Any:
+    """The one pipeline builder over loaded parts, with a deterministic sampler by default."""
+    from tokencompose.loading import make_scheduler, pipeline_from_components
 
-    p = Path(path)
-    if p.is_dir() and all((p / s).is_dir() for s in _PARTS):
-        return load_components(p)
-    if p.is_dir() and ((p / "unet").is_dir() or (p / "config.json").is_file()):
-        if base is None:
-            raise ValueError(f"{p} holds only a UNet: pass --base with the model it was fine-tuned from")
-        return load_components(base, unet=p)
-    return load_components(path)  # a hub id, when the user has network
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_image_size(comps: Any) -> int:
-    """The model's native image size: UNet sample size times the VAE factor (512 for SD 1.x)."""
-    return int(comps.unet.config.sample_size) * comps.vae_scale_factor
-
-
-def build_pipeline(comps: Any, device: torch.device | str = "cpu", scheduler: str = "ddim") -> Any:
-    """A ``StableDiffusionPipeline`` over the components, with a deterministic sampler by default."""
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-    )
-
-    classes = {
-        "ddim": DDIMScheduler,
-        "ddpm": DDPMScheduler,
-        "dpm": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-    }
-    if scheduler not in classes:
-        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(classes)}")
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=classes[scheduler].from_config(comps.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipeline_from_components(comps, make_scheduler(dict(comps.scheduler.config), scheduler))
 
 
 def _generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
@@ -124,7 +71,7 @@ def generate_with_attention(
     from tokencompose.attention import AttentionCapture
 
     size = size or default_image_size(comps)
-    pipe = build_pipeline(comps, device, scheduler)
+    pipe = sampling_pipeline(comps, scheduler).to(device)
     cfg = guidance > 1.0  # diffusers runs the [uncond; cond] batch only then
     acc = TimestepAccumulator(sizes)
     used: list[int] = []
@@ -164,7 +111,7 @@ def generate_images(
 ) -> list[np.ndarray]:
     """One image per seed for ``prompt``: uint8 ``[S, S, 3]`` each, identical for a seed across runs."""
     size = size or default_image_size(comps)
-    pipe = pipe or build_pipeline(comps, device, scheduler)
+    pipe = pipe or sampling_pipeline(comps, scheduler).to(device)
     out = pipe(
         prompt,
         height=size,

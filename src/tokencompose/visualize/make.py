@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencompose.loading import ModelSettings, default_image_size, load_model
 from tokencompose.tokens import input_ids
 from tokencompose.visualize import aggregate as agg
 from tokencompose.visualize import capture
@@ -119,7 +120,7 @@ def attention_from_image(
     from tokencompose.data.dataset import load_image
     from tokencompose.visualize.figures import save_png
 
-    size = size or capture.default_image_size(comps)
+    size = size or default_image_size(comps)
     px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
     maps = capture.image_attention(
         comps, px[None], input_ids(comps.tokenizer, [caption]), noise_levels, seed, layers, None, device
@@ -142,9 +143,8 @@ def _free() -> None:
 
 def mask_comparisons(
     data: str | Path,
-    models: Sequence[tuple[str, str]],
+    models: Sequence[tuple[str, ModelSettings]],
     out: Path,
-    base: str | Path | None = None,
     indices: Sequence[int] | None = None,
     num: int = 4,
     seed: int = 0,
@@ -156,12 +156,15 @@ def mask_comparisons(
     dpi: int = 150,
     device: Any = "cpu",
 ) -> list[Path]:
-    """For dataset samples: each phrase's mask beside each model's attention for it; one PNG per sample."""
+    """For dataset samples: each phrase's mask beside each model's attention for it; one PNG per sample.
+
+    ``models``: ``(label, settings)`` pairs, loaded one at a time by the one loader.
+    """
     from tokencompose.data.dataset import TokenDataset, collate
     from tokencompose.visualize.figures import mask_figure, save_png
 
-    first = capture.load_model(models[0][1], base)
-    size = size or capture.default_image_size(first)
+    first = load_model(models[0][1])
+    size = size or default_image_size(first)
     ds = TokenDataset(data, first.tokenizer, size, attention_sizes=[(size, size)])
     idx = list(indices) if indices else list(range(min(num, len(ds))))
     batch = collate([ds[i] for i in idx])
@@ -169,9 +172,9 @@ def mask_comparisons(
     per_model: dict[str, torch.Tensor] = {}
     scores: dict[str, torch.Tensor] = {}
     comps = first
-    for k, (label, path) in enumerate(models):
+    for k, (label, settings) in enumerate(models):
         if k > 0:
-            comps = capture.load_model(path, base)
+            comps = load_model(settings)
         maps = capture.image_attention(
             comps, batch["pixel_values"], input_ids(comps.tokenizer, batch["captions"]), noise_levels, seed, layers,
             None, device,
@@ -209,10 +212,9 @@ def mask_comparisons(
 
 
 def model_grid(
-    models: Sequence[tuple[str, str]],
+    models: Sequence[tuple[str, ModelSettings]],
     prompts: Sequence[str],
     out: Path,
-    base: str | Path | None = None,
     seeds: Sequence[int] = (0,),
     steps: int = 50,
     guidance: float = 7.5,
@@ -225,9 +227,9 @@ def model_grid(
     from tokencompose.visualize.figures import grid_figure, save_png
 
     images: dict[str, list[np.ndarray]] = {}
-    for label, path in models:
-        comps = capture.load_model(path, base)
-        pipe = capture.build_pipeline(comps, device)
+    for label, settings in models:
+        comps = load_model(settings)
+        pipe = capture.sampling_pipeline(comps).to(device)
         rows = []
         for prompt in prompts:
             rows.extend(capture.generate_images(comps, prompt, seeds, steps, guidance, size, device, pipe=pipe))

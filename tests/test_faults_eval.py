@@ -82,6 +82,16 @@ def test_other_query_mode_is_refused_before_generation(
     assert not (tmp_path / "fresh").exists() or not list((tmp_path / "fresh").glob("*.png"))
 
 
+def test_other_detector_is_refused(first_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tokencompose.evaluation.tiny_detectors import save_tiny_owl
+
+    owl = save_tiny_owl(tmp_path / "owl")
+    argv = ["evaluate", "multigen", "--out", str(first_run), *SHAPES, "--images-per-prompt", "2"]
+    assert main([*argv, "--skip-generation", "--detector", str(owl), "--device", "cpu"]) == 2
+    err = _error(capsys)
+    assert f"{first_run} holds detections" in err and "detector is 'shapes' there" in err
+
+
 def test_detections_of_other_images_are_refused(
     first_run: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

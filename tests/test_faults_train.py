@@ -3,11 +3,13 @@ policy decision or a one-line error, never in a crash, lost work or code run fro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tokencompose.config import load_config
-from train_util import config_dict, make_base, make_data
+from train_util import config_dict, load_unet_weights, make_base, make_data
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,209 @@ def test_checkpoint_recompute_does_not_refill_a_cleared_store(tiny):
     finally:
         unet.disable_gradient_checkpointing()
         unet.zero_grad(set_to_none=True)
+
+
+# --- 1. a corrupt newest checkpoint falls back to the previous complete one ---------------------------
+
+
+def _train_then(assets, name, steps, *overrides):
+    from tokencompose.train import train
+
+    return train(_cfg(assets, name, f"train.max_steps={steps}", *overrides))
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(assets, caplog):
+    from tokencompose.train.checkpoint import list_checkpoints
+
+    reference = _train_then(assets, "corrupt_ref", 4)
+    run = _train_then(assets, "corrupt", 3)
+    newest = run.run_dir / "checkpoints" / "step-00000003"
+    opt = newest / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:100])  # truncated, as by a crash of the disk mid-write
+    with caplog.at_level("WARNING"):
+        result = _train_then(assets, "corrupt", 4)
+    assert "step-00000003" in caplog.text and "cannot be read" in caplog.text
+    assert result.step == 4
+    assert [s for s, _ in list_checkpoints(run.run_dir / "checkpoints")] == [1, 2, 3, 4]  # step 3 redone
+    assert (run.run_dir / "checkpoints" / "step-00000003.unreadable").is_dir()
+    got, want = load_unet_weights(result.checkpoint), load_unet_weights(reference.checkpoint)
+    assert all(torch.equal(got[k], want[k]) for k in want), "resuming from step 2 is not exact"
+
+
+def test_no_readable_checkpoint_is_a_user_error(assets):
+    from tokencompose.errors import UserError
+
+    run = _train_then(assets, "all_corrupt", 1)
+    (run.checkpoint / "train_state.json").write_text("{")
+    with pytest.raises(UserError, match="no checkpoint .* can be read"):
+        _train_then(assets, "all_corrupt", 2)
+
+
+# --- 2. nothing in a run folder can run code on resume ------------------------------------------------
+
+
+class _Planted:
+    """Unpickling this writes a marker file: what a planted checkpoint file would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_planted_pickle_in_a_checkpoint_does_not_run(assets, tmp_path, name, caplog):
+    run = _train_then(assets, f"planted_{name}", 2)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Planted(marker)}, run.checkpoint / name)
+    with caplog.at_level("WARNING"):
+        result = _train_then(assets, f"planted_{name}", 3)
+    assert not marker.exists(), f"a planted {name} ran code on resume"
+    assert result.step == 3
+    if name == "optimizer.bin":  # needed for resume: refused, the previous checkpoint is used
+        assert "cannot be read" in caplog.text
+
+
+def test_resume_state_is_safetensors_and_json(assets):
+    run = _train_then(assets, "formats", 1)
+    names = {p.name for p in run.checkpoint.iterdir()}
+    assert {"train_state.json", "rng_state_0.safetensors", "rng_state_0.json"} <= names
+    assert not any(n.endswith(".pkl") for n in names), names
+
+
+# --- 3. one trainer per run folder ---------------------------------------------------------------------
+
+
+def test_second_trainer_on_a_run_folder_is_refused(assets, monkeypatch):
+    import os
+
+    from tokencompose.errors import UserError
+    from tokencompose.train import setup, train
+    from tokencompose.train.resume import RunLock
+
+    cfg = _cfg(assets, "locked")
+    monkeypatch.setattr(setup, "load_models", lambda cfg: pytest.fail("models loaded despite the lock"))
+    Path(cfg.run_dir).mkdir(parents=True)
+    busy = rf"in use by another training process \(pid {os.getpid()}\)"
+    # Another trainer holds the folder (flock is per open file, so the same process can stand in for it).
+    with RunLock(cfg.run_dir), pytest.raises(UserError, match=busy):
+        train(cfg)
+    monkeypatch.undo()
+    assert train(cfg).step == 3  # released: the folder is usable again
+
+
+# --- 4. checkpoints are durable before and after the rename --------------------------------------------
+
+
+def test_checkpoint_is_fsynced_before_and_after_the_rename(assets, monkeypatch):
+    import os
+
+    from tokencompose.train import checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    run = _train_then(assets, "durable", 1)
+    folder = str(run.run_dir / "checkpoints")
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("step-00000001"))
+    before = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    tmp = events[rename][1]
+    assert f"{tmp}/unet/diffusion_pytorch_model.safetensors" in before
+    assert f"{tmp}/optimizer.bin" in before and f"{tmp}/trainer_state.json" in before and tmp in before
+    assert ("fsync", folder) in events[rename:]
+
+
+# --- 5. unusable run folders and a full disk: one line, exit 2 -----------------------------------------
+
+
+def _cli(cfg, tmp_path, capsys):
+    from tokencompose.cli import main
+    from tokencompose.config import dump_yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_run_dir_that_is_a_file_is_a_one_line_error(assets, tmp_path, capsys, monkeypatch):
+    from tokencompose.train import setup
+
+    cfg = _cfg(assets, "a_file")
+    open(cfg.run_dir, "w").close()
+    monkeypatch.setattr(setup, "load_models", lambda cfg: pytest.fail("models loaded for an unusable run_dir"))
+    code, err = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and "is a file" in err and str(cfg.run_dir) in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")  # fmt: skip
+def test_read_only_run_dir_is_a_one_line_error(assets, tmp_path, capsys):
+    cfg = _cfg(assets, "read_only")
+    import os
+
+    os.makedirs(cfg.run_dir)
+    os.chmod(cfg.run_dir, 0o500)
+    try:
+        code, err = _cli(cfg, tmp_path, capsys)
+    finally:
+        os.chmod(cfg.run_dir, 0o700)
+    assert code == 2 and "cannot be written" in err and len(err.splitlines()) == 1
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_the_previous_newest(
+    assets, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from tokencompose.train import resume
+    from tokencompose.train.checkpoint import list_checkpoints
+
+    real = resume.save_train_state
+    calls = [0]
+
+    def full_on_second(folder, state):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / resume.TRAIN_STATE))
+        return real(folder, state)
+
+    monkeypatch.setattr(resume, "save_train_state", full_on_second)
+    cfg = _cfg(assets, "disk_full")
+    code, err = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and "No space left on device" in err and len(err.splitlines()) == 1
+    found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    assert [s for s, _ in found] == [1]
+    assert not list((Path(cfg.run_dir) / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_full_inside_torch_save_is_reported_as_no_space(assets, tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError; with the disk full it becomes ENOSPC."""
+    import errno
+    from collections import namedtuple
+
+    from tokencompose.train import checkpoint, resume
+
+    def failing(folder, state):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file: file write failed"
+        )
+
+    monkeypatch.setattr(resume, "save_train_state", failing)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(1, 1, 0))
+    with pytest.raises(OSError) as info:
+        _train_then(assets, "disk_full_torch", 1)
+    assert info.value.errno == errno.ENOSPC and "No space left on device" in str(info.value)

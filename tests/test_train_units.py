@@ -122,12 +122,13 @@ def test_precision_fallbacks_on_cpu():
 
 
 def test_resume_with_another_batch_layout_is_refused():
+    from tokencompose.errors import UserError
     from tokencompose.train.checkpoint import TrainState
 
     noise = NoiseSource(seed=0, device=torch.device("cpu"))
-    saved = TrainState(noise, batch_size=2, grad_accum=2, num_processes=1).state_dict()
-    with pytest.raises(ValueError, match="cannot resume"):
-        TrainState(noise, batch_size=4, grad_accum=1, num_processes=1).load_state_dict(saved)
+    saved = TrainState(noise, batch_size=2, grad_accum=2, num_processes=1).counters()
+    with pytest.raises(UserError, match="cannot resume"):
+        TrainState(noise, batch_size=4, grad_accum=1, num_processes=1).load_counters(saved)
 
 
 def test_v_prediction_target():

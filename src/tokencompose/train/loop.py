@@ -21,17 +21,21 @@ import torch
 
 from tokencompose.config import Config, validate
 from tokencompose.train import setup
-from tokencompose.train.checkpoint import Checkpointer, TrainState, all_finite, latest_checkpoint
+from tokencompose.train.checkpoint import (
+    Checkpointer,
+    NonFiniteLossError,
+    TrainState,
+    export_weights,
+    latest_checkpoint,
+    restore_weights,
+)
 from tokencompose.train.data import batch_stream, build_loader, drop_metrics, report_drops, to_device
 from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
+from tokencompose.train.resume import RunLock, check_run_dir
 from tokencompose.train.runinfo import write_config, write_manifest
 from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A non-finite loss or gradient under ``nan_policy: stop`` (or too many skipped steps)."""
 
 
 @dataclass
@@ -41,42 +45,6 @@ class TrainResult:
     step: int
     nan_skips: int
     metrics: dict[str, float] = field(default_factory=dict)  # the last log row
-
-
-def _export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path, terms: Sequence[Any]) -> None:
-    """Diffusers-format weights into ``folder`` (called on every process; the main one writes)."""
-    from safetensors.torch import save_file
-
-    from tokencompose.train.lora import save_lora
-
-    model = accelerator.unwrap_model(unet)
-    state = accelerator.get_state_dict(unet)  # gathers sharded (FSDP / ZeRO-3) weights; collective
-    if not accelerator.is_main_process:
-        return
-    if not all_finite(list(state.values())):
-        raise NonFiniteLossError("refusing to write a checkpoint: the UNet weights contain NaN or inf")
-    if lora:
-        save_lora(model, folder, state_dict=state)
-    else:
-        (folder / "unet").mkdir(parents=True, exist_ok=True)
-        model.save_config(folder / "unet")
-        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(weights, str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    if ema is not None:
-        ema.save_pretrained(model, folder / "unet_ema")
-    for term in terms:
-        term.save(folder)
-
-
-def _restore_weights(model: Any, lora: bool, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    from tokencompose.train.lora import load_lora_state
-
-    if lora:
-        load_lora_state(model, folder)
-    else:
-        model.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
 
 
 def _announce(
@@ -124,14 +92,27 @@ def _seed_everything(cfg: Config) -> None:
 
 
 def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
-    """Train (or resume, when ``cfg.run_dir`` holds checkpoints) and return where the result is."""
+    """Train (or resume, when ``cfg.run_dir`` holds checkpoints) and return where the result is.
+
+    The run folder is checked and locked (main process) before anything is loaded: a second trainer on
+    the same ``run_dir`` stops with a :class:`~tokencompose.errors.UserError`.
+    """
+    from accelerate import PartialState
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir)
+    cpu = setup.force_cpu()
+    with RunLock(run_dir) if PartialState(cpu=cpu).is_main_process else contextlib.nullcontext():
+        return _train(cfg, extra_terms, cpu)
+
+
+def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResult:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    validate(cfg)
     run_dir = Path(cfg.run_dir)
-    cpu = setup.force_cpu()
     precision = setup.resolve_precision(cfg.train.precision, PartialState(cpu=cpu).device)
     # Accelerate keeps its state (precision included) per process; a second train() in the same
     # process (a notebook, a sweep, the tests) may use another precision. The process group, held by
@@ -195,23 +176,21 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
         ema = EMA(accelerator.unwrap_model(unet), cfg.train.ema.decay)
     noise = NoiseSource(cfg.train.seed, device, accelerator.num_processes, accelerator.process_index)
     state = TrainState(noise, cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes)
-    accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     ckpt = Checkpointer(
         accelerator,
         run_dir / "checkpoints",
         cfg.checkpoint.keep_last,
         accelerator.unwrap_model(unet),
-        export=lambda folder: _export_weights(accelerator, unet, ema, lora, folder, specs),
-        restore=lambda folder: _restore_weights(accelerator.unwrap_model(unet), lora, folder),
+        export=lambda folder: export_weights(accelerator, unet, ema, lora, folder, specs),
+        restore=lambda folder: restore_weights(accelerator.unwrap_model(unet), lora, folder),
+        state=state,
+        ema=ema,
     )
 
     # --- resume ------------------------------------------------------------------------------------
     ckpt.clean_partial()
-    resumed = latest_checkpoint(run_dir / "checkpoints")
+    resumed = ckpt.resume()  # the newest readable checkpoint (warns about unreadable newer ones)
     if resumed is not None:
-        ckpt.load(resumed)
         log.info("resumed from %s at step %d", resumed, state.step)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     if main:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencompose.errors import UserError
 from tokencompose.models import save_text_encoder
 from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from tokencompose.tokens import input_ids
@@ -74,22 +76,36 @@ def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple
 
 
 def _atomic_save(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary sibling, fsynced and renamed onto ``path`` (a kill leaves the old file)."""
+    from tokencompose.data.outputs import atomic_writer
+
+    with atomic_writer(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _resume(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    """The stage's saved state, read with the ``weights_only`` unpickler (a planted file cannot run code)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path} holds objects other than tensors and plain values (written by an older tokencompose, "
+            "or not by tokencompose); it is not loaded: delete it to restart that stage"
+        ) from err
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    # numpy's state as plain values (not an ndarray): loadable with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _progress(total: int, start: int, desc: str):

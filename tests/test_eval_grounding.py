@@ -11,7 +11,7 @@ from tokencompose.evaluation.grounding import (
     auroc,
     evaluate_grounding,
     iou_sweep,
-    phrase_maps,
+    phrase_score_maps,
     summarize,
     valid_phrases,
 )
@@ -41,7 +41,7 @@ def test_iou_sweep_by_hand() -> None:
     assert ious[:, 0].tolist() == pytest.approx([2 / 3, 1.0, 0.5, 0.0])
 
 
-def test_phrase_maps_recovers_masks_across_resolutions() -> None:
+def test_phrase_score_maps_recovers_masks_across_resolutions() -> None:
     # Two phrases on a 4x4 grid: left half and top-right quadrant; token 1 -> phrase 0, tokens 3,4 -> phrase 1.
     b, heads, length = 1, 2, 8
     m0 = torch.zeros(4, 4, dtype=torch.bool)
@@ -60,7 +60,7 @@ def test_phrase_maps_recovers_masks_across_resolutions() -> None:
     maps = {(4, 4): [layer(4), layer(4)], (8, 8): [layer(8)]}
     token_index = torch.tensor([[[1, 0], [3, 4]]])
     token_valid = torch.tensor([[[True, False], [True, True]]])
-    pm = phrase_maps(maps, token_index, token_valid, (4, 4))
+    pm = phrase_score_maps(maps, token_index, token_valid, (4, 4))
     assert pm.shape == (1, 2, 16) and pm.min() >= 0 and pm.max() <= 1
     masks = torch.stack([m0.flatten(), m1.flatten()])[None]
     ious = iou_sweep(pm, masks, torch.ones(1, 2, dtype=torch.bool), [0.5])
@@ -68,7 +68,7 @@ def test_phrase_maps_recovers_masks_across_resolutions() -> None:
     assert auroc(pm[0], masks[0]).tolist() == [1.0, 1.0]
     # The padded token (index 0, invalid) must not leak in: making column 0 huge changes nothing.
     maps[(4, 4)][0][..., 0] = 50.0
-    assert torch.allclose(phrase_maps(maps, token_index, token_valid, (4, 4)), pm)
+    assert torch.allclose(phrase_score_maps(maps, token_index, token_valid, (4, 4)), pm)
 
 
 def test_valid_phrases_and_summary() -> None:

@@ -92,26 +92,13 @@ def test_upsample_is_bilinear_without_align_corners():
 def test_word_maps_mean_and_sum():
     token_maps = torch.arange(5.0)[None, :, None, None].expand(2, 5, 2, 2)  # token t has value t everywhere
     words = [agg.Word("a", (1,)), agg.Word("tokencompose", (2, 4))]
-    mean = agg.word_maps(token_maps, words)
-    total = agg.word_maps(token_maps, [(1,), (2, 4)], merge="sum")
+    mean = agg.word_maps(token_maps, words, merge="mean")
+    total = agg.word_maps(token_maps, [(1,), (2, 4)])  # the default: the phrase map's sum
     assert mean.shape == (2, 2, 2, 2)
     assert mean[:, 0].unique().tolist() == [1.0] and mean[:, 1].unique().tolist() == [3.0]
     assert total[:, 1].unique().tolist() == [6.0]
     with pytest.raises(ValueError):
         agg.word_maps(token_maps, words, merge="max")
-
-
-def test_phrase_maps_match_per_sample_word_maps():
-    torch.manual_seed(0)
-    token_maps = torch.rand(2, 77, 3, 3)
-    index = torch.tensor([[[1, 2], [5, 0]], [[3, 0], [0, 0]]])
-    valid = torch.tensor([[[True, True], [True, False]], [[True, False], [False, False]]])
-    out = agg.phrase_maps(token_maps, index, valid)
-    assert out.shape == (2, 2, 3, 3)
-    assert torch.allclose(out[0, 0], agg.word_maps(token_maps[:1], [(1, 2)])[0, 0])
-    assert torch.allclose(out[0, 1], token_maps[0, 5])
-    assert torch.allclose(out[1, 0], token_maps[1, 3])
-    assert torch.equal(out[1, 1], torch.zeros(3, 3))  # padded phrase
 
 
 def test_normalize_and_mass_in_mask():
@@ -141,9 +128,10 @@ def test_same_maps_as_grounding_evaluation():
     }
     index = torch.tensor([[[1, 2], [4, 0]], [[2, 0], [3, 0]]])
     valid = index > 0
-    ref = grounding.phrase_maps(by_size, index, valid, (8, 8)).reshape(2, 2, 8, 8)
+    ref = grounding.phrase_score_maps(by_size, index, valid, (8, 8)).reshape(2, 2, 8, 8)
     acc = agg.TimestepAccumulator()
     acc.add(by_size)
     ours = agg.combine_resolutions(acc.mean(), (8, 8))
-    ours = agg.normalize(agg.phrase_maps(ours, index, valid) * valid.sum(-1)[..., None, None])
+    words = [[tuple(index[b, p][valid[b, p]].tolist()) for p in range(2)] for b in range(2)]
+    ours = agg.normalize(torch.cat([agg.word_maps(ours[b : b + 1], words[b]) for b in range(2)]))
     assert torch.allclose(ours, ref, atol=1e-5)

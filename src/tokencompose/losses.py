@@ -23,20 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokencompose.maps import gather_phrase_columns, head_layer_mean, sum_phrase_tokens
+
 Size = tuple[int, int]
 
 
 def denoise_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE between predicted and true noise (or v): ``[B, C, h, w]`` x2 -> ``[B]`` float32."""
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-
-
-def gather_phrase_columns(attn: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Columns of each phrase token: ``attn [B, H, N, L]``, ``index [B, P, T]`` -> ``[B, H, N, P, T]``."""
-    b, h, n, _ = attn.shape
-    _, p, t = index.shape
-    idx = index.reshape(b, 1, 1, p * t).expand(b, h, n, p * t)
-    return attn.gather(-1, idx).reshape(b, h, n, p, t)
 
 
 def _phrase_counts(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,9 +107,7 @@ def pixel_loss_at(cols: Sequence[torch.Tensor], valid: torch.Tensor, mask: torch
     ``BCELoss``), averaged over phrases.
     """
     _, phrase_valid, phrases = _phrase_counts(valid)
-    avg = sum(c.mean(1) for c in cols) / len(cols)  # heads, then layers: [B, N, P, T]
-    prob = (avg * valid.unsqueeze(1)).sum(-1)  # [B, N, P]
-    prob = prob.transpose(1, 2)  # [B, P, N]
+    prob = sum_phrase_tokens(head_layer_mean(cols), valid)  # the shared phrase map S_i: [B, P, N]
     return (_bce(prob, mask.float()).mean(-1) * phrase_valid).sum(-1) / phrases
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokencompose.maps import gather_phrase_rows
 from tokencompose.roi_dist import gather_phrases, world
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,8 @@ def phrase_text_embeddings(hidden: torch.Tensor, token_index: torch.Tensor, toke
 
     A phrase without valid tokens (padding) gets zeros.
     """
-    b, length, d = hidden.shape
-    _, p, t = token_index.shape
     token_index, token_valid = token_index.to(hidden.device), token_valid.to(hidden.device)
-    idx = token_index.clamp(0, length - 1).reshape(b, p * t, 1).expand(-1, -1, d)
-    tokens = hidden.float().gather(1, idx).reshape(b, p, t, d)
+    tokens = gather_phrase_rows(hidden.float(), token_index)  # [B, P, T, D]
     weight = token_valid.to(tokens.dtype)[..., None]
     return (tokens * weight).sum(dim=2) / weight.sum(dim=2).clamp_min(1.0)
 

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--timesteps", type=_ints, default=[400], help="with --image: noise timesteps to average")
     p.add_argument("--words", type=_names, help="only these comma-separated words/phrases (default: every word)")
     p.add_argument("--special", action="store_true", help="also show the start and end tokens")
-    p.add_argument("--merge", choices=["mean", "sum"], default="mean", help="how sub-tokens of a word merge")
+    p.add_argument("--merge", choices=["sum", "mean"], default="sum", help="how sub-tokens of a word merge")
     _attention_opts(p)
     _common(p, "figures")
 

@@ -2,9 +2,10 @@
 
 For images with captions and phrase masks (the shapes world, any Source-A dataset): encode the image,
 noise its latent at chosen timesteps, run the UNet once per timestep while capturing cross-attention,
-aggregate each phrase's attention (mean over heads and layers of a resolution, sum over the phrase's
-tokens, bilinear upsampling to the evaluation size, mean over resolutions), normalise it to [0, 1] per
-phrase, and score it against the phrase mask: mean IoU over a threshold sweep and AUROC.
+aggregate each phrase's attention (the shared phrase map of ``tokencompose.maps``: mean over heads and
+layers of a resolution, sum over the phrase's tokens; then bilinear upsampling to the evaluation size,
+mean over resolutions), normalise it to [0, 1] per phrase, and score it against the phrase mask: mean
+IoU over a threshold sweep and AUROC.
 
 The pure functions take tensors; :func:`evaluate_grounding` runs the model. Shapes: ``B`` batch,
 ``P`` phrases, ``T`` tokens per phrase, ``H`` heads, ``N = h*w`` positions, ``L`` text tokens.
@@ -18,29 +19,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokencompose.maps import phrase_maps
+
 Size = tuple[int, int]
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
-def phrase_maps(
+def phrase_score_maps(
     maps: Mapping[Size, Sequence[torch.Tensor]],
     token_index: torch.Tensor,
     token_valid: torch.Tensor,
     out_size: Size,
 ) -> torch.Tensor:
-    """Per-phrase attention ``[B, P, h*w]`` at ``out_size``, min-max normalised to [0, 1] per phrase.
+    """Per-phrase scores ``[B, P, h*w]`` at ``out_size`` in [0, 1]: what the metric thresholds.
 
     ``maps``: ``{(h, w): [Tensor[B, H, N, L], ...]}`` (one tensor per layer, as ``AttentionCapture.by_size``).
-    Heads and the layers of one resolution are averaged (as the paper's pixel loss does), a phrase takes
-    the sum of its tokens' columns, each resolution is upsampled bilinearly, resolutions count equally.
+    Each resolution's phrase map is the shared definition (:func:`tokencompose.maps.phrase_maps`: heads and
+    layers averaged, a phrase's tokens summed -- the pixel loss's map); the metric's own steps on top:
+    bilinear upsampling to ``out_size``, mean over resolutions, min-max normalisation per phrase.
     """
-    b, p, t = token_index.shape
+    b, p, _ = token_index.shape
     total = None
     for (h, w), layers in maps.items():
-        a = torch.stack([m.float().mean(dim=1) for m in layers]).mean(dim=0)  # [B, N, L]
-        idx = token_index.clamp(min=0).reshape(b, 1, p * t).expand(-1, a.shape[1], -1)
-        cols = torch.gather(a, 2, idx).reshape(b, -1, p, t) * token_valid[:, None].float()
-        phrase = cols.sum(dim=-1).permute(0, 2, 1).reshape(b * p, 1, h, w)  # [B*P, 1, h, w]
+        phrase = phrase_maps(layers, token_index, token_valid).reshape(b * p, 1, h, w)
         up = F.interpolate(phrase, size=out_size, mode="bilinear", align_corners=False)
         total = up if total is None else total + up
     if total is None:
@@ -150,7 +151,8 @@ def evaluate_grounding(
                 tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
                 unet(noisy, tt, encoder_hidden_states=emb)
-                pm = phrase_maps(cap.by_size(), batch["token_index"].to(device), batch["token_valid"].to(device), size)
+                tok_index, tok_valid = batch["token_index"].to(device), batch["token_valid"].to(device)
+                pm = phrase_score_maps(cap.by_size(), tok_index, tok_valid, size)
                 per_t.append(pm.cpu())
             per_t.append(torch.stack(per_t).mean(dim=0))
             for key, pm in zip(keys, per_t, strict=True):

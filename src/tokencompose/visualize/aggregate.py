@@ -3,7 +3,8 @@
 Reduction order, as for the paper's figures: mean over heads, mean over the layers of one
 resolution, accumulate over denoising timesteps (mean), then upsample each chosen resolution
 bilinearly to a common size and average the resolutions (each resolution weighs the same however
-many layers it has). Sub-tokens of a word are merged (mean or sum) after that.
+many layers it has). Sub-tokens of a word are summed after that -- the phrase map of
+:mod:`tokencompose.maps` -- and figures min-max normalise each map for display (:func:`normalize`).
 
 Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens, ``W`` words.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokencompose.maps import head_layer_mean
 from tokencompose.tokens import text_token_ids
 
 Size = tuple[int, int]
@@ -82,10 +84,8 @@ def phrase_words(tokenizer: Any, prompt: str, phrases: Sequence[str]) -> list[Wo
 
 def layer_mean(maps: Sequence[torch.Tensor], size: Size) -> torch.Tensor:
     """Maps of one resolution, ``[B, H, N, L]`` each -> mean over heads and layers, ``[B, L, h, w]`` float32."""
-    if not maps:
-        raise ValueError("no attention maps to aggregate")
     h, w = size
-    mean = torch.stack([m.detach().float().mean(1) for m in maps]).mean(0)  # [B, N, L]
+    mean = head_layer_mean([m.detach().float() for m in maps])  # the shared reduction: [B, N, L]
     return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], h, w)
 
 
@@ -141,11 +141,12 @@ def upsample(maps: torch.Tensor, size: Size) -> torch.Tensor:
     return F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def word_maps(token_maps: torch.Tensor, words: Sequence[Word | Sequence[int]], merge: str = "mean") -> torch.Tensor:
+def word_maps(token_maps: torch.Tensor, words: Sequence[Word | Sequence[int]], merge: str = "sum") -> torch.Tensor:
     """Token maps ``[B, L, h, w]`` -> word maps ``[B, W, h, w]``, merging each word's sub-tokens.
 
-    ``merge="mean"`` averages sub-tokens (comparable across words of different lengths); ``"sum"``
-    adds them, the probability mass the pixel loss scores.
+    ``merge="sum"`` adds them: the phrase map of :mod:`tokencompose.maps`, the probability mass the pixel
+    loss scores. ``"mean"`` averages them instead (a display choice; figures min-max normalise each map,
+    so the two look the same there).
     """
     if merge not in ("mean", "sum"):
         raise ValueError(f"merge must be 'mean' or 'sum', got {merge!r}")
@@ -157,19 +158,6 @@ def word_maps(token_maps: torch.Tensor, words: Sequence[Word | Sequence[int]], m
     if not out:
         return token_maps.new_zeros(token_maps.shape[0], 0, *token_maps.shape[-2:])
     return torch.stack(out, 1)
-
-
-def phrase_maps(token_maps: torch.Tensor, token_index: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
-    """Batched phrase maps: ``[B, L, h, w]`` with ``token_index``/``token_valid [B, P, T]`` -> ``[B, P, h, w]``.
-
-    The mean over each phrase's valid tokens (zero for padded phrases), without loops over samples.
-    """
-    b, p, t = token_index.shape
-    flat = token_index.reshape(b, p * t)
-    gathered = torch.gather(token_maps, 1, flat[:, :, None, None].expand(-1, -1, *token_maps.shape[-2:]))
-    gathered = gathered.reshape(b, p, t, *token_maps.shape[-2:])
-    valid = token_valid.to(gathered.dtype)[..., None, None]
-    return (gathered * valid).sum(2) / valid.sum(2).clamp_min(1)
 
 
 def normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -78,7 +78,7 @@ def attention_from_prompt(
     t_range: tuple[float, float] | None = None,
     words: Sequence[str] | None = None,
     special: bool = False,
-    merge: str = "mean",
+    merge: str = "sum",
     cmap: str = "inferno",
     dpi: int = 150,
     device: Any = "cpu",
@@ -110,7 +110,7 @@ def attention_from_image(
     resolutions: Sequence[int] | None = None,
     words: Sequence[str] | None = None,
     special: bool = False,
-    merge: str = "mean",
+    merge: str = "sum",
     cmap: str = "inferno",
     dpi: int = 150,
     device: Any = "cpu",
@@ -185,7 +185,7 @@ def mask_comparisons(
         pm = torch.zeros(len(idx), masks.shape[1], size, size)
         for b, (caption, phrases) in enumerate(zip(batch["captions"], batch["phrases"], strict=True)):
             for w in agg.phrase_words(comps.tokenizer, caption, phrases):
-                pm[b, phrases.index(w.text)] = agg.word_maps(combined[b : b + 1], [w])[0, 0]
+                pm[b, phrases.index(w.text)] = agg.word_maps(combined[b : b + 1], [w])[0, 0]  # the phrase map (sum)
         scores[label] = agg.mass_in_mask(pm, masks)
         per_model[label] = agg.normalize(pm)
         comps = first = None

@@ -330,3 +330,49 @@ def test_disk_full_inside_torch_save_is_reported_as_no_space(assets, tmp_path, m
     with pytest.raises(OSError) as info:
         _train_then(assets, "disk_full_torch", 1)
     assert info.value.errno == errno.ENOSPC and "No space left on device" in str(info.value)
+
+
+# --- 8. config mistakes: one line, exit 2, before anything loads --------------------------------------
+
+
+def test_loss_layers_naming_no_layer_is_refused_before_the_model_loads(assets, tmp_path, capsys, monkeypatch):
+    from tokencompose.train import setup
+
+    cfg = _cfg(assets, "bad_layers", "loss.layers=[upp]")
+    monkeypatch.setattr(setup, "load_models", lambda cfg: pytest.fail("models loaded for a bad loss.layers"))
+    code, err = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and "loss.layers" in err and "'upp'" in err and len(err.splitlines()) == 1
+    assert not Path(cfg.run_dir).exists()  # refused before the run folder was made
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("train:\n  max_steps: 3\nlog:\n  every: 1\ntrain:\n  seed: 1\n", "train", 5),
+        ("train:\n  max_steps: 3\n  seed: 0\n  max_steps: 30\n", "train.max_steps", 4),
+    ],
+)
+def test_duplicate_yaml_keys_are_a_config_error(tmp_path, caplog, text, key, line):
+    from tokencompose.cli import main
+    from tokencompose.config import ConfigError, load_config
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{path}, line {line}: key '{key}' appears twice"):
+        load_config(path)
+    assert main(["train", str(path)]) == 2
+    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"'{key}' appears twice" in err and str(path) in err and len(err.splitlines()) == 1
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, caplog):
+    from tokencompose.cli import main
+    from tokencompose.config import ConfigError, load_config
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  max_steps: 3\n  seed: [0, 1\nlog:\n  every: 1\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line \d+: not valid YAML"):
+        load_config(path)
+    assert main(["train", str(path)]) == 2
+    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert str(path) in err and "line 4" in err and len(err.splitlines()) == 1

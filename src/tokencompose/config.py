@@ -22,7 +22,15 @@ from typing import Any, Literal
 
 import yaml
 
-from tokencompose.typed_data import ConfigError, build_dataclass, merge, parse_override, to_dict, unknown_key
+from tokencompose.typed_data import (
+    ConfigError,
+    build_dataclass,
+    load_yaml_text,
+    merge,
+    parse_override,
+    to_dict,
+    unknown_key,
+)
 
 __all__ = ["Config", "ConfigError", "build_dataclass", "dump_yaml", "load_config", "parse_override", "preset_names",
            "save_config", "to_dict", "validate"]  # fmt: skip
@@ -295,7 +303,7 @@ def load_yaml(source: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     path = path.resolve()
     if path in _seen:
         raise ConfigError("extends", f"circular extends: {' -> '.join(str(p) for p in (*_seen, path))}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_text(path.read_text(), path) or {}
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"{path} must hold a mapping")
     base = data.pop("extends", None)

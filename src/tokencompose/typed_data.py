@@ -27,6 +27,55 @@ class ConfigError(UserError, ValueError):
         self.key = key
 
 
+class ConfigFileError(ConfigError):
+    """A config file that is not valid YAML or repeats a key: names the file and the line."""
+
+    def __init__(self, path: Any, line: int | str, message: str, key: str = "<file>") -> None:
+        UserError.__init__(self, f"config file {path}, line {line}: {message}")
+        self.key = key
+
+
+def load_yaml_text(text: str, path: Any) -> Any:
+    """Parse a config file's text strictly: a repeated key or a syntax error is a :class:`ConfigFileError`.
+
+    PyYAML lets the last of two equal keys win silently, which hides a typo'd override of a setting;
+    its syntax errors span several lines. Both become one line naming ``path`` and the line number.
+    """
+    try:
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path, "", set())
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else "?"
+        what = " ".join(x for x in (err.context, err.problem) if x)
+        raise ConfigFileError(path, line, f"not valid YAML ({what})") from None
+    except yaml.YAMLError as err:
+        raise ConfigFileError(path, "?", f"not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _check_duplicate_keys(node: Any, path: Any, prefix: str, seen_nodes: set[int]) -> None:
+    """Walk a composed YAML node tree; raise on a mapping that holds one key twice (``prefix``: dotted)."""
+    if node is None or id(node) in seen_nodes:  # aliases share nodes: visit each once
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if name is not None and name != "<<":  # "<<" is YAML's merge key, not a setting
+                line = key_node.start_mark.line + 1
+                if name in lines:
+                    dotted = prefix + str(name)
+                    raise ConfigFileError(
+                        path, line, f"key '{dotted}' appears twice (also on line {lines[name]}); keep one", dotted
+                    )
+                lines[name] = line
+            _check_duplicate_keys(value, path, f"{prefix}{name}." if name is not None else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path, prefix, seen_nodes)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -293,13 +293,12 @@ def load_pretrain_config(source: str | Path | None = None, overrides: list[str] 
 
     Unknown keys and ill-typed values raise :class:`tokencompose.config.ConfigError` naming the key.
     """
-    import yaml
-
     from tokencompose.config import build_dataclass, parse_override
+    from tokencompose.typed_data import load_yaml_text
 
     data: dict = {}
     if source is not None:
-        data = yaml.safe_load(Path(source).read_text()) or {}
+        data = load_yaml_text(Path(source).read_text(), source) or {}
     for text in overrides or []:
         parts, value = parse_override(text)
         node = data

@@ -100,6 +100,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     from accelerate import PartialState
 
     validate(cfg)
+    setup.check_layers(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     cpu = setup.force_cpu()

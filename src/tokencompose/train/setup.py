@@ -69,6 +69,44 @@ def load_models(cfg: Config) -> Any:
     return comps
 
 
+def check_layers(cfg: Config) -> None:
+    """Refuse a ``loss.layers`` selection that names no cross-attention layer, before any weights load.
+
+    The layer names come from the UNet's config alone: the model is built on the meta device (no
+    memory, no weights). When the config cannot be read here (a hub id offline), the check happens
+    when the capture is installed instead.
+    """
+    if cfg.loss.token_weight <= 0 and cfg.loss.pixel_weight <= 0:
+        return  # no capture, the selection is unused
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from tokencompose.attention import select_layers
+    from tokencompose.config import ConfigError
+
+    path = Path(cfg.model.path).expanduser()
+    try:
+        if cfg.model.path == "tiny":
+            from tokencompose.models import tiny_unet_config
+
+            config = tiny_unet_config()
+        elif (path / "unet" / "config.json").is_file():
+            config = json.loads((path / "unet" / "config.json").read_text())
+        else:
+            config = UNet2DConditionModel.load_config(cfg.model.path, subfolder="unet", revision=cfg.model.revision)
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(config)
+    except Exception as err:  # unreadable or unreachable config: the loader reports it properly
+        log.debug("loss.layers not checked before loading (%s)", err)
+        return
+    try:
+        select_layers(unet, cfg.loss.layers)
+    except ValueError as err:
+        raise ConfigError("loss.layers", str(err)) from None
+
+
 def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str) -> list[torch.nn.Parameter]:
     """Freeze VAE and text encoder (cast to the half type under mixed precision), set up the UNet to train.
 

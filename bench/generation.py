@@ -23,13 +23,17 @@ import torch
 
 from tokencompose.evaluation.generation import (
     GenerationSettings,
-    build_pipeline,
     generate_images,
     image_name,
     image_seed,
 )
 from tokencompose.evaluation.prompts import load_prompts
 from tokencompose.evaluation.results import device_description
+from tokencompose.loading import ModelSettings, load_pipeline
+
+
+def build_pipeline(model: str, device: torch.device, dtype: str, scheduler: str):
+    return load_pipeline(ModelSettings(model=str(model), device=str(device), dtype=dtype), scheduler=scheduler)
 
 
 def sync(device: torch.device) -> None:
@@ -44,7 +48,7 @@ def paper_loop(model: str, prompts, settings: GenerationSettings, out: Path, dev
     pipe = build_pipeline(model, device=device, dtype="fp32", scheduler=settings.scheduler)
     pipe.unet.set_attn_processor(AttnProcessor())
     pipe.vae.set_attn_processor(AttnProcessor())
-    pipe(prompts[0].text, num_inference_steps=1, height=settings.height, width=settings.width)  # warm-up
+    pipe(prompts[0].text, num_inference_steps=1, height=settings.resolution, width=settings.resolution)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     for p in prompts:
@@ -54,8 +58,8 @@ def paper_loop(model: str, prompts, settings: GenerationSettings, out: Path, dev
                 p.text,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
-                height=settings.height,
-                width=settings.width,
+                height=settings.resolution,
+                width=settings.resolution,
                 generator=g,
             ).images[0]
             image.save(out / image_name(p.uid, i))
@@ -67,7 +71,7 @@ def ours(
     model: str, prompts, settings: GenerationSettings, out: Path, device: torch.device, batch_size: int, dtype: str
 ) -> float:
     pipe = build_pipeline(model, device=device, dtype=dtype, scheduler=settings.scheduler)
-    pipe(prompts[0].text, num_inference_steps=1, height=settings.height, width=settings.width)  # warm-up
+    pipe(prompts[0].text, num_inference_steps=1, height=settings.resolution, width=settings.resolution)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     generate_images(pipe, prompts, out, settings, batch_size=batch_size)
@@ -117,7 +121,7 @@ def main() -> None:
     steps = args.steps or defaults["steps"]
     res = args.resolution or defaults["resolution"]
     n_img = args.images_per_prompt or defaults["images_per_prompt"]
-    settings = GenerationSettings(steps=steps, height=res, width=res, images_per_prompt=n_img)
+    settings = GenerationSettings(steps=steps, resolution=res, images_per_prompt=n_img)
     prompts = load_prompts("coco")[: args.prompts]
     total = len(prompts) * n_img
     base_dir, our_dir = Path(tmp.name) / "paper", Path(tmp.name) / "ours"

@@ -63,7 +63,7 @@ def test_multigen_with_owlv2_folder_on_existing_images(multigen_run: Path, tmp_p
 
 def test_grounding_command(model_dir: Path, tmp_path: Path) -> None:
     argv = ["evaluate", "grounding", "--model", str(model_dir), "--out", str(tmp_path), "--shapes", "2"]
-    argv += ["--image-size", "64", "--timesteps", "300", "--device", "cpu", "--name", "tiny"]
+    argv += ["--resolution", "64", "--timesteps", "300", "--device", "cpu", "--name", "tiny"]
     assert main(argv) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["kind"] == "grounding" and res["scores"]["num_images"] == 2
@@ -74,17 +74,3 @@ def test_generate_command(model_dir: Path, tmp_path: Path) -> None:
     argv = ["generate", "--model", str(model_dir), "--out", str(tmp_path), "--prompt", "a red circle"]
     assert main(argv + GEN) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["0_0.png", "0_1.png"]
-
-
-def test_checkpoint_argument_resolves_once(tmp_path: Path) -> None:
-    import argparse
-
-    from tokencompose.commands.generate import resolve_model_args
-
-    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
-    args = argparse.Namespace(checkpoint=str(tmp_path), ema=False, unet=None, lora=None)
-    resolve_model_args(args)
-    resolve_model_args(args)  # evaluate resolves, then run_generation again: must not complain
-    assert args.lora == str(tmp_path) and args.unet is None
-    with pytest.raises(SystemExit):
-        resolve_model_args(argparse.Namespace(checkpoint=str(tmp_path), ema=False, unet="x", lora=None))

@@ -13,23 +13,22 @@ from PIL import Image
 from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import (
     GenerationSettings,
-    build_pipeline,
     generate_images,
     image_seed,
-    make_scheduler,
     pending_jobs,
     save_png_atomic,
 )
 from tokencompose.evaluation.prompts import sample_prompts
+from tokencompose.loading import ModelSettings, base_scheduler_config, load_pipeline, make_scheduler
 from tokencompose.models import tiny_components
 
-SETTINGS = GenerationSettings(steps=2, height=64, width=64, images_per_prompt=2, seed=5)
+SETTINGS = GenerationSettings(steps=2, resolution=64, images_per_prompt=2, seed=5)
 PROMPTS = sample_prompts(["cat", "dog", "cup", "book"], 2, num_objects=2, seed=0)
 
 
 @pytest.fixture(scope="module")
 def pipe(model_dir: Path):
-    return build_pipeline(model_dir)
+    return load_pipeline(ModelSettings(model=str(model_dir), device="cpu"), scheduler="pndm")
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -44,11 +43,11 @@ def test_seeds_are_stable_and_distinct() -> None:
 
 def test_default_preset_is_the_papers(model_dir: Path, pipe) -> None:
     s = GenerationSettings()
-    assert (s.steps, s.guidance_scale, s.height, s.width, s.images_per_prompt) == (50, 7.5, 512, 512, 10)
+    assert (s.steps, s.guidance_scale, s.resolution, s.images_per_prompt) == (50, 7.5, None, 10)  # None: native
     assert s.scheduler == "pndm" and s.safety_checker is False
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.scheduler.config.skip_prk_steps
     assert pipe.safety_checker is None
-    assert type(make_scheduler(model_dir, "default")).__name__ == "DDPMScheduler"
+    assert type(make_scheduler(base_scheduler_config(model_dir), "default")).__name__ == "DDPMScheduler"
 
 
 def test_generate_resume_and_subset_identical(tmp_path: Path, pipe) -> None:
@@ -70,7 +69,7 @@ def test_generate_resume_and_subset_identical(tmp_path: Path, pipe) -> None:
     assert not list(out.glob(".*tmp"))
     assert json.loads((out / "generation.json").read_text())["steps"] == 2
     with pytest.raises(UserError, match="other settings"):
-        generate_images(pipe, PROMPTS, out, GenerationSettings(steps=3, height=64, width=64, images_per_prompt=2))
+        generate_images(pipe, PROMPTS, out, GenerationSettings(steps=3, resolution=64, images_per_prompt=2))
 
 
 def test_shards_are_disjoint_and_cover(tmp_path: Path) -> None:
@@ -99,7 +98,7 @@ def test_lora_checkpoint_changes_the_unet(tmp_path: Path, model_dir: Path, pipe)
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(comps.unet))
-    lora_pipe = build_pipeline(model_dir, lora=tmp_path / "lora")
+    lora_pipe = load_pipeline(ModelSettings(model=str(model_dir), checkpoint=str(tmp_path / "lora"), device="cpu"))
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     base_w = dict(pipe.unet.named_parameters())[name]
     lora_w = dict(lora_pipe.unet.named_parameters())[name]
@@ -110,13 +109,13 @@ def test_lora_checkpoint_changes_the_unet(tmp_path: Path, model_dir: Path, pipe)
 def test_full_unet_override(tmp_path: Path, model_dir: Path, pipe) -> None:
     other = tiny_components(seed=1).unet
     other.save_pretrained(tmp_path / "ckpt" / "unet")
-    p2 = build_pipeline(model_dir, unet=tmp_path / "ckpt")
+    p2 = load_pipeline(ModelSettings(model=str(model_dir), checkpoint=str(tmp_path / "ckpt"), device="cpu"))
     a = next(iter(p2.unet.parameters()))
     assert torch.equal(a, next(iter(other.parameters()))) and not torch.equal(a, next(iter(pipe.unet.parameters())))
 
 
 def test_resolve_checkpoint_layouts(tmp_path: Path) -> None:
-    from tokencompose.evaluation.generation import resolve_checkpoint
+    from tokencompose.loading import resolve_checkpoint
 
     full, lora, ema = tmp_path / "full", tmp_path / "lora", tmp_path / "ema"
     (full / "unet").mkdir(parents=True)
@@ -126,7 +125,7 @@ def test_resolve_checkpoint_layouts(tmp_path: Path) -> None:
     assert resolve_checkpoint(full) == (full, None)
     assert resolve_checkpoint(lora) == (None, lora)
     assert resolve_checkpoint(ema, ema=True) == (ema / "unet_ema", None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         resolve_checkpoint(full, ema=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         resolve_checkpoint(tmp_path / "nothing")

@@ -52,10 +52,10 @@ def test_stock_diffusers_reproduces_the_trained_model(trained_lora, model_dir: P
 
 
 def test_our_pipeline_reproduces_the_trained_model(trained_lora, model_dir: Path) -> None:
-    from tokencompose.evaluation.generation import build_pipeline
+    from tokencompose.loading import ModelSettings, load_pipeline
 
     path, _, trained = trained_lora
-    pipe = build_pipeline(model_dir, lora=path)
+    pipe = load_pipeline(ModelSettings(model=str(model_dir), checkpoint=str(path), device="cpu"))
     torch.testing.assert_close(_unet_out(pipe.unet), trained, rtol=1e-4, atol=1e-5)
 
 

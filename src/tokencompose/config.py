@@ -13,7 +13,6 @@ type and range-checked; an error names the dotted key (and suggests the closest 
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,7 +28,9 @@ from tokencompose.typed_data import (
     merge,
     parse_override,
     to_dict,
-    unknown_key,
+)
+from tokencompose.typed_data import (
+    apply_overrides as typed_apply_overrides,
 )
 
 __all__ = ["Config", "ConfigError", "build_dataclass", "dump_yaml", "load_config", "parse_override", "preset_names",
@@ -315,28 +316,8 @@ def load_yaml(source: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in plain data; the key path is checked against the schema here."""
-    data = merge({}, data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        cls: Any = Config
-        node = data
-        for i, part in enumerate(parts):
-            key = ".".join(parts[: i + 1])
-            fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-            if part not in fields:
-                raise unknown_key(key, part, list(fields)) if fields else ConfigError(key, "is not a section")
-            tp = typing.get_type_hints(cls)[part]
-            if i == len(parts) - 1:
-                node[part] = value
-            else:
-                if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(key, "is a value, not a section")
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(key, "is a section in the schema but not in the file")
-                cls = tp
-    return data
+    """Set dotted keys of the :class:`Config` schema in plain data (see :func:`typed_data.apply_overrides`)."""
+    return typed_apply_overrides(Config, data, overrides)
 
 
 def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:

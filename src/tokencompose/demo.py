@@ -87,40 +87,41 @@ def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float,
     return Path(result.checkpoint)
 
 
-def _cli(args: list[str]) -> None:
-    from tokencompose.cli import main
-
-    code = main(args)
-    if code:
-        raise RuntimeError(f"tokencompose {' '.join(args)} failed with exit code {code}")
-
-
 def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path) -> dict[str, Path]:
+    """MultiGen and grounding of one arm through the evaluation library (skipped when already scored)."""
+    from tokencompose.evaluation.run import run_grounding, run_multigen
+    from tokencompose.evaluation.settings import (
+        DetectorSettings,
+        GenerationSettings,
+        GroundingSettings,
+        ModelSettings,
+        MultiGenSettings,
+        PromptSettings,
+        ShardSettings,
+    )
+
     out = Path(s.out) / "eval" / name
-    model = ["--model", str(base), "--device", "cpu", "--name", name]
-    if ckpt is not None:
-        model += ["--checkpoint", str(ckpt)]
+    model = ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu")
     mg = out / "multigen" / "results.json"
     if not mg.is_file():
-        _cli(
-            ["evaluate", "multigen", "--out", str(mg.parent), *model, "--prompts", str(prompts)]
-            + ["--detector", "shapes", "--scheduler", "ddim", "--steps", str(s.sample_steps)]
-            + [
-                "--guidance-scale",
-                str(s.guidance),
-                "--resolution",
-                "64",
-                "--images-per-prompt",
-                str(s.images_per_prompt),
-            ]
-            + ["--seed", str(s.seed), "--batch-size", "16", "--queries", "prompt"]
-        )
+        run_multigen(
+            MultiGenSettings(
+                out=str(mg.parent),
+                name=name,
+                model=model,
+                prompts=PromptSettings(prompts=str(prompts)),
+                generation=GenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance, resolution=64,
+                                              images_per_prompt=s.images_per_prompt, scheduler="ddim", seed=s.seed),
+                detector=DetectorSettings(detector="shapes", queries="prompt"),
+                run=ShardSettings(batch_size=16),
+            )
+        )  # fmt: skip
     gr = out / "grounding" / "results.json"
     if not gr.is_file():
-        _cli(
-            ["evaluate", "grounding", "--out", str(gr.parent), *model, "--shapes", str(s.grounding_images)]
-            + ["--image-size", "64", "--timesteps", s.grounding_timesteps, "--batch-size", "16"]
-        )
+        run_grounding(
+            GroundingSettings(out=str(gr.parent), name=name, model=model, shapes=s.grounding_images, resolution=64,
+                              timesteps=[int(t) for t in s.grounding_timesteps.split(",")], batch_size=16)
+        )  # fmt: skip
     return {"multigen": mg, "grounding": gr}
 
 

@@ -42,26 +42,34 @@ def _check_out(out: Path) -> None:
 
 def export_pipeline(settings: ExportSettings) -> Path:
     """Write the pipeline folder named by ``settings.out`` and return its path."""
-    from tokencompose.evaluation.generation import build_pipeline, make_scheduler, resolve_checkpoint
+    from tokencompose.loading import (
+        ModelSettings,
+        base_scheduler_config,
+        load_model,
+        make_scheduler,
+        resolve_checkpoint,
+    )
     from tokencompose.models import Components
     from tokencompose.train.lora import LORA_WEIGHTS
 
     out = Path(settings.out)
     _check_out(out)
-    unet = lora = None
+    lora = None
     if settings.checkpoint is not None:
-        unet, lora = resolve_checkpoint(settings.checkpoint, ema=settings.ema)
-    fuse = lora if not settings.keep_lora else None
+        _, lora = resolve_checkpoint(settings.checkpoint, ema=settings.ema)
     if settings.keep_lora and lora is None:
         raise UserError(f"--keep-lora: checkpoint {settings.checkpoint} is not a LoRA checkpoint")
-    pipe = build_pipeline(settings.model, unet=unet, lora=fuse, dtype="fp32", scheduler="default")
-    # The AttnProcessor2_0 that build_pipeline sets is diffusers' default: nothing of ours is saved.
+    checkpoint = None if settings.keep_lora else settings.checkpoint  # the base stays untouched with keep_lora
+    loaded = load_model(
+        ModelSettings(model=settings.model, checkpoint=checkpoint, ema=settings.ema, device="cpu", dtype="fp32")
+    )
+    # The base's own sampler (not the training noise scheduler that load_model returns).
     comps = Components(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=make_scheduler(settings.model, "default"),
+        unet=loaded.unet,
+        vae=loaded.vae,
+        text_encoder=loaded.text_encoder,
+        tokenizer=loaded.tokenizer,
+        scheduler=make_scheduler(base_scheduler_config(settings.model), "default"),
     )
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -76,6 +77,13 @@ def _check_duplicate_keys(node: Any, path: Any, prefix: str, seen_nodes: set[int
             _check_duplicate_keys(item, path, prefix, seen_nodes)
 
 
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -105,8 +113,10 @@ def _parse(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return build_dataclass(tp, value, key)
     if origin in (list, tuple):
-        if isinstance(value, str):  # "mid,up" on the command line
+        if isinstance(value, str):  # "mid,up" or "100,300" on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if args and args[0] is not str:  # items are read as YAML scalars, as a key=value is
+                value = [_yaml_scalar(v) for v in value]
         if not isinstance(value, list | tuple):
             raise ConfigError(key, f"expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -124,6 +134,11 @@ def _parse(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str):  # a command-line flag's text
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -195,3 +210,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` overrides in plain data; each key path is checked against the dataclass ``cls``."""
+    data = merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node_cls: Any = cls
+        node = data
+        for i, part in enumerate(parts):
+            key = ".".join(parts[: i + 1])
+            fields = {f.name: f for f in dataclasses.fields(node_cls)} if dataclasses.is_dataclass(node_cls) else {}
+            if part not in fields:
+                raise unknown_key(key, part, list(fields)) if fields else ConfigError(key, "is not a section")
+            tp = typing.get_type_hints(node_cls)[part]
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(key, "is a value, not a section")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(key, "is a section in the schema but not in the file")
+                node_cls = tp
+    return data
+
+
+def load_settings(
+    cls: type, data: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str | Path | None = None
+) -> Any:
+    """A command's typed settings: YAML file ``source`` (if any), then ``data`` (its flags), then dotted overrides.
+
+    The one parsing path of every command (``train``'s config too): unknown keys suggest the closest name,
+    ill-typed values name their key, a YAML file with a repeated key or a syntax error names file and line.
+    """
+    base: dict[str, Any] = {}
+    if source is not None:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("--config", f"no settings file {path}")
+        loaded = load_yaml_text(path.read_text(), path)
+        if not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping")
+        base = loaded
+    merged = merge(base, data or {})
+    return build_dataclass(cls, apply_overrides(cls, merged, list(overrides or [])))

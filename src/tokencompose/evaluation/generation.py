@@ -1,4 +1,4 @@
-"""MultiGen image generation: a diffusers pipeline from a base model + our UNet or LoRA, batched and resumable.
+"""MultiGen image generation from a ready pipeline (:mod:`tokencompose.loading`), batched and resumable.
 
 Every image ``"<uid>_<index>.png"`` has its own seed derived from (base seed, prompt id, image index) and
 its own initial noise drawn on the CPU, so any subset, any batch size, any number of processes and any
@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from tokencompose.errors import UserError
 from tokencompose.evaluation.prompts import Prompt
 from tokencompose.evaluation.provenance import (
     check_folder_record,
@@ -35,23 +34,29 @@ from tokencompose.evaluation.provenance import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm", "default")
 SETTINGS_FILE = "generation.json"
 
 
 @dataclass
 class GenerationSettings:
-    """The paper's settings are the defaults: 50 PNDM steps, CFG 7.5, 512 px, 10 images per prompt."""
+    """How images are sampled; the paper's settings are the defaults (50 PNDM steps, CFG 7.5, 10 per prompt)."""
 
     steps: int = 50
+    """Denoising steps."""
     guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
+    """Classifier-free guidance scale."""
+    resolution: int | None = None
+    """Image height and width in pixels; None: the model's native size (UNet sample size x VAE factor)."""
     images_per_prompt: int = 10
+    """Images per prompt, each with its own seed."""
     scheduler: str = "pndm"
+    """Sampler: ``pndm`` | ``ddim`` | ``ddpm`` | ``euler`` | ``euler-ancestral`` | ``dpm`` | ``default``."""
     seed: int = 0
+    """Base seed; image seeds derive from (seed, prompt id, index)."""
     negative_prompt: str | None = None
+    """Negative prompt for classifier-free guidance."""
     safety_checker: bool = False
+    """Run the model's safety checker (off: a blacked-out image would count as a missed object)."""
 
     def image_affecting(self) -> dict[str, Any]:
         """The fields that change pixels (a folder must not mix images made with different ones)."""
@@ -71,108 +76,6 @@ def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.
 
 def image_name(uid: int, index: int) -> str:
     return f"{uid}_{index}.png"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, fp32 elsewhere (CPU half is slow; MPS fp16 is fine but opt-in)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def check_scheduler(name: str) -> None:
-    """Refuse an unknown scheduler name before any model is loaded or image made."""
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-
-
-def make_scheduler(model: str | Path, name: str) -> Any:
-    """A sampling scheduler configured from the model's ``scheduler/`` config."""
-    import diffusers
-
-    check_scheduler(name)
-    classes = {
-        "pndm": diffusers.PNDMScheduler,
-        "ddim": diffusers.DDIMScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-        "euler-ancestral": diffusers.EulerAncestralDiscreteScheduler,
-        "dpm": diffusers.DPMSolverMultistepScheduler,
-    }
-    kw = {"local_files_only": True} if Path(str(model)).exists() else {}
-    config = diffusers.PNDMScheduler.load_config(str(model), subfolder="scheduler", **kw)
-    if name == "default":
-        return getattr(diffusers, config["_class_name"]).from_config(config)
-    if name == "pndm":
-        # SD's own scheduler config is PLMS-only PNDM; a config from another class (e.g. a DDPM training
-        # config) does not say, so use SD's choice.
-        config = {**config, "skip_prk_steps": config.get("skip_prk_steps", True)}
-    return classes[name].from_config(config)
-
-
-def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path | None, Path | None]:
-    """A training checkpoint folder of ours -> ``(unet, lora)``: ``unet/`` (or ``unet_ema/``) or the LoRA file."""
-    path = Path(path)
-    if ema:
-        if not (path / "unet_ema").is_dir():
-            raise FileNotFoundError(f"{path} has no unet_ema/ (trained without EMA?)")
-        return path / "unet_ema", None
-    if (path / "unet").is_dir() or (path / "config.json").is_file():
-        return path, None
-    if (path / "pytorch_lora_weights.safetensors").is_file():
-        return None, path
-    raise FileNotFoundError(f"{path}: neither unet/ nor pytorch_lora_weights.safetensors found")
-
-
-def build_pipeline(
-    model: str | Path,
-    unet: str | Path | None = None,
-    lora: str | Path | None = None,
-    lora_scale: float = 1.0,
-    device: str | torch.device = "cpu",
-    dtype: str = "auto",
-    scheduler: str = "pndm",
-    safety_checker: bool = False,
-) -> Any:
-    """A ``StableDiffusionPipeline`` from a diffusers-layout base model plus an optional UNet or LoRA of ours.
-
-    ``unet``: a folder with a full fine-tuned UNet (``config.json`` + weights, or a ``unet/`` subfolder).
-    ``lora``: a folder or file in diffusers' LoRA format (``pipe.load_lora_weights``); fused for speed.
-    Attention runs through PyTorch SDPA (diffusers' ``AttnProcessor2_0``).
-    """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from tokencompose.models import load_components
-
-    device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    comps = load_components(model, unet=unet)
-    checker = extractor = None
-    if safety_checker:
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPImageProcessor
-
-        checker = StableDiffusionSafetyChecker.from_pretrained(str(model), subfolder="safety_checker")
-        extractor = CLIPImageProcessor.from_pretrained(str(model), subfolder="feature_extractor")
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=make_scheduler(model, scheduler),
-        safety_checker=checker,
-        feature_extractor=extractor,
-        requires_safety_checker=False,
-    )
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-        pipe.fuse_lora(lora_scale=lora_scale)
-        pipe.unload_lora_weights()  # keep the fused weights, drop the adapter layers
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    # Cast only when needed: diffusers warns on every ``to(dtype)`` of a model loaded in float32.
-    pipe.to(device=device) if torch_dtype == torch.float32 else pipe.to(device=device, dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @dataclass
@@ -261,7 +164,8 @@ def generate_images(
     report = GenerationReport(skipped=skipped)
     start = time.perf_counter()
     channels = pipe.unet.config.in_channels
-    shape = (channels, settings.height // pipe.vae_scale_factor, settings.width // pipe.vae_scale_factor)
+    size = settings.resolution or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    shape = (channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
@@ -270,8 +174,8 @@ def generate_images(
         out = pipe(
             prompt=[p.text for p, _ in batch],
             negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
-            height=settings.height,
-            width=settings.width,
+            height=size,
+            width=size,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             latents=latents,

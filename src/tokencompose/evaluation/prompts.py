@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,3 +126,59 @@ def sample_prompts(
         chosen = tuple(cats[i] for i in idx)
         prompts.append(Prompt(uid=uid, categories=chosen, text=text_fn(chosen)))
     return prompts
+
+
+@dataclass
+class PromptSettings:
+    """Where the prompts come from: the paper's files, a JSON file, a sampler, or texts."""
+
+    prompts: str | None = None
+    """``coco`` | ``ade20k`` (the paper's MultiGen files) | a prompt JSON file; default ``coco``."""
+    categories: str | None = None
+    """Sample new prompts from ``coco`` | ``ade20k`` | ``shapes`` | a text file of categories."""
+    num_prompts: int = 100
+    """With ``categories``: how many prompts."""
+    num_objects: int = 5
+    """With ``categories``: K categories a prompt (at most 10)."""
+    prompt_seed: int = 0
+    """With ``categories``: the sampler's seed."""
+    limit: int | None = None
+    """Use only the first N prompts (smoke runs)."""
+    texts: list[str] = field(default_factory=list)
+    """Prompt texts given directly (``generate --prompt``)."""
+
+
+def resolve_prompts(settings: PromptSettings) -> tuple[list[Prompt], dict[str, Any]]:
+    """The prompt list ``settings`` name and a record of where it came from (file + digest, or sampler)."""
+    if settings.texts:
+        prompts = [Prompt(uid=i, categories=(), text=t) for i, t in enumerate(settings.texts)]
+        info: dict[str, Any] = {"name": "command-line"}
+    elif settings.categories:
+        cats = categories(settings.categories)
+        text_fn = multigen_text
+        if settings.categories == "shapes":
+            from tokencompose.data.shapes import multigen_caption
+
+            text_fn = multigen_caption  # the captions the shapes world trains on
+        prompts = sample_prompts(
+            cats, settings.num_prompts, settings.num_objects, settings.prompt_seed, text_fn=text_fn
+        )
+        info = {
+            "name": f"sampled:{settings.categories}",
+            "sampler": {
+                "categories": settings.categories,
+                "num_categories": len(cats),
+                "num_prompts": settings.num_prompts,
+                "num_objects": settings.num_objects,
+                "seed": settings.prompt_seed,
+            },
+        }
+    else:
+        name = settings.prompts or "coco"
+        prompts = load_prompts(name)
+        info = {"name": name, "file": str(multigen_path(name))}
+    if settings.limit:
+        prompts = prompts[: settings.limit]
+        info["limit"] = settings.limit
+    info["num_prompts"] = len(prompts)
+    return prompts, info

@@ -1,0 +1,291 @@
+"""The evaluation commands as library functions: typed settings in, results out.
+
+``generate``, ``evaluate multigen`` and ``evaluate grounding`` are :func:`run_generate`,
+:func:`run_multigen` (and :func:`rescore_multigen`) and :func:`run_grounding`; the CLI only parses
+flags into their settings (:mod:`tokencompose.evaluation.settings`) and the demo calls them directly.
+Models load through the one loader (:mod:`tokencompose.loading`). Under ``accelerate launch`` each
+process takes a disjoint shard of the (prompt, image) pairs; process 0 scores once every shard is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokencompose.errors import UserError
+from tokencompose.evaluation.generation import GenerationReport, generate_images
+from tokencompose.evaluation.prompts import Prompt, resolve_prompts, save_prompts
+from tokencompose.evaluation.results import now_iso, package_versions, read_detections, write_json_atomic
+from tokencompose.evaluation.settings import (
+    GenerateSettings,
+    GroundingSettings,
+    ModelSettings,
+    MultiGenSettings,
+    ShardSettings,
+)
+from tokencompose.loading import DTYPES, load_model, load_pipeline, resolve_device
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"  # the typed settings of the command that wrote a folder
+
+
+@dataclasses.dataclass
+class Shard:
+    """Where this process runs and which part of the work is its own."""
+
+    device: torch.device
+    index: int
+    count: int
+    state: Any = None  # accelerate's PartialState under ``accelerate launch``
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def resolve_shard(model: ModelSettings, run: ShardSettings) -> Shard:
+    """Under ``accelerate launch`` (and no explicit shard): one shard per process on its device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.shard is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return Shard(state.device, state.process_index, state.num_processes, state)
+    count = run.num_shards or 1
+    index = run.shard or 0
+    if not 0 <= index < count:
+        raise UserError(f"shard {index} does not exist among {count} shards (0..{count - 1})")
+    return Shard(resolve_device(model.device), index, count)
+
+
+def model_record(model: ModelSettings) -> dict[str, Any]:
+    """What identifies the model in provenance records and results."""
+    return {"base": model.model, "checkpoint": model.checkpoint, "ema": model.ema, "lora_scale": model.lora_scale}
+
+
+def save_settings(folder: Path, settings: Any) -> None:
+    """The command's typed settings beside its output (every field, as plain data)."""
+    from tokencompose.typed_data import to_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / SETTINGS_FILE, to_dict(settings))
+
+
+def progress_bar(desc: str, unit: str) -> Any:
+    """An ``on_batch(done, total)`` callback that draws a tqdm bar (created at the first call, closed at the end)."""
+    from tqdm.auto import tqdm
+
+    bar: list[Any] = []
+
+    def on_batch(done: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc=desc, unit=unit, disable=None))  # None: no bar off a terminal
+        bar[0].update(done - bar[0].n)
+        if done >= total:
+            bar[0].close()
+
+    return on_batch
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate(
+    model: ModelSettings, prompts: list[Prompt], generation: Any, run: ShardSettings, folder: Path, shard: Shard
+) -> GenerationReport:
+    """Load the pipeline, generate this shard's missing images into ``folder``, free the pipeline."""
+    if not model.model:
+        raise UserError("no model given: pass --model (a diffusers folder or hub id)")
+    if not generation.safety_checker:
+        log.info("safety checker: off (pass --safety-checker to run the model's own)")
+    settings = dataclasses.replace(model, device=str(shard.device))
+    pipe = load_pipeline(settings, scheduler=generation.scheduler, safety_checker=generation.safety_checker)
+    native = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    generation = dataclasses.replace(generation, resolution=generation.resolution or native)  # recorded as used
+    report = generate_images(
+        pipe,
+        prompts,
+        folder,
+        generation,
+        batch_size=run.batch_size,
+        shard=shard.index,
+        num_shards=shard.count,
+        record={"model": model_record(model), "dtype": str(pipe.unet.dtype)},
+        on_batch=progress_bar("generating", "image"),
+    )
+    rate = len(report.written) / report.seconds if report.seconds else 0.0
+    log.info("%d images written, %d already present, %.1f s (%.3f images/s)", len(report.written),
+             report.skipped, report.seconds, rate)  # fmt: skip
+    if report.nsfw:
+        log.warning("safety checker blacked out %d images: %s", len(report.nsfw), report.nsfw[:10])
+    del pipe
+    _free()
+    return report
+
+
+def run_generate(settings: GenerateSettings) -> GenerationReport:
+    """``tokencompose generate``: this process's share of the images, resumable; ``prompts.json`` beside them."""
+    prompts, info = resolve_prompts(settings.prompts)
+    shard = resolve_shard(settings.model, settings.run)
+    out = Path(settings.out)
+    log.info("prompts: %s (%d); shard %d/%d on %s", info["name"], len(prompts), shard.index, shard.count, shard.device)
+    report = _generate(settings.model, prompts, settings.generation, settings.run, out, shard)
+    shard.wait()
+    if shard.index == 0:
+        # Only once the folder's images are known to be these prompts' (generation refuses others).
+        save_prompts(prompts, out / "prompts.json")
+        save_settings(out, settings)
+    return report
+
+
+def run_multigen(settings: MultiGenSettings) -> dict[str, Any]:
+    """``tokencompose evaluate multigen``: generate, detect, score; returns (and writes) the results."""
+    from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
+    from tokencompose.evaluation.multigen import (
+        detect_folder,
+        detection_record,
+        multigen_result,
+        precheck_detections,
+        prompts_digest,
+    )
+
+    s, d = settings, settings.detector
+    out_dir = Path(s.out)
+    image_dir = Path(s.images or out_dir / "images")
+    prompts, info = resolve_prompts(s.prompts)
+    info.update(saved="prompts.json", sha256=prompts_digest(prompts))
+    # Everything that can be refused is checked before the hours of generation.
+    kind = detector_kind(d.detector, d.revision)
+    # The shapes detector has one fixed template; the others take query_template.
+    template = default_template(kind) if kind == "shapes" else (d.query_template or default_template(kind))
+    precheck_detections(
+        out_dir, detection_record(kind, d.detector, template, d.queries, prompts, DTYPES[d.dtype], None)
+    )
+    shard = resolve_shard(s.model, s.run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not s.skip_generation:
+        _generate(s.model, prompts, s.generation, s.run, image_dir, shard)
+    detector = load_detector(d.detector, revision=d.revision, device=shard.device, dtype=DTYPES[d.dtype],
+                             template=d.query_template, batch_size=d.batch_size)  # fmt: skip
+    detect_folder(detector, prompts, image_dir, out_dir, s.generation.images_per_prompt, queries=d.queries,
+                  batch_size=d.batch_size, shard=shard.index, num_shards=shard.count,
+                  on_batch=progress_bar("detecting", "image"))  # fmt: skip
+    shard.wait()
+    if shard.index != 0:
+        return {}
+    save_prompts(prompts, out_dir / "prompts.json")  # what rescoring reads: these prompts' detections only
+    save_settings(out_dir, s)
+    gen_file = image_dir / "generation.json"
+    provenance = {
+        "name": s.name,
+        "model": model_record(s.model) if s.model.model else None,
+        "prompts": info,
+        "generation": json.loads(gen_file.read_text()) if gen_file.is_file() else None,
+        "images": str(image_dir),
+        "detector": {
+            "id": str(d.detector),
+            "revision": getattr(detector, "resolved_revision", None),
+            "template": detector.template,
+            "queries": d.queries,
+            "dtype": d.dtype,
+        },  # fmt: skip
+        "seeds": {"base_seed": s.generation.seed, "image_seed": "sha256('tokencompose/<seed>/<uid>/<index>')[:8]"},
+        "shards": shard.count,
+        "device": str(shard.device),
+        "settings": SETTINGS_FILE,
+    }
+    result = multigen_result(read_detections(out_dir), prompts, s.generation.images_per_prompt, d.threshold,
+                             d.bootstrap, provenance=provenance)  # fmt: skip
+    write_json_atomic(Path(s.output or out_dir / "results.json"), result)
+    return result
+
+
+def rescore_multigen(results: str | Path, threshold: float, bootstrap: int = 1000, output: str | None = None) -> dict:
+    """Scores of a finished MultiGen run at another threshold, from its stored detections only (no model)."""
+    from tokencompose.evaluation.multigen import multigen_result
+    from tokencompose.evaluation.prompts import load_prompts
+    from tokencompose.evaluation.results import load_result
+
+    old = load_result(results)
+    folder = Path(results).parent
+    prompts = load_prompts(folder / old["prompts"]["saved"])
+    derived = ("kind", "threshold", "scores", "environment", "created", "_path")
+    provenance = {k: v for k, v in old.items() if k not in derived}
+    provenance["rescored_from"] = str(results)
+    n = old["scores"]["images_per_prompt"]
+    result = multigen_result(read_detections(folder), prompts, n, threshold, bootstrap, provenance=provenance)
+    result["_path"] = str(Path(output or folder / f"results_thr{threshold:g}.json"))
+    write_json_atomic(result["_path"], {k: v for k, v in result.items() if k != "_path"})
+    return result
+
+
+def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
+    """``tokencompose evaluate grounding``: phrase attention vs masks; returns (and writes) the results."""
+    import tempfile
+
+    from diffusers import DDPMScheduler
+    from torch.utils.data import DataLoader, Subset
+
+    from tokencompose.data.dataset import TokenDataset, collate
+    from tokencompose.evaluation.grounding import evaluate_grounding
+    from tokencompose.loading import default_image_size
+
+    s = settings
+    if (s.data is None) == (s.shapes is None):
+        raise UserError("evaluate grounding needs exactly one of --data (a metadata.jsonl) or --shapes N")
+    if s.data is not None and not Path(s.data).is_file():
+        raise UserError(f"grounding data {s.data} does not exist (give a metadata.jsonl with phrase masks)")
+    comps = load_model(s.model)
+    image_size = s.resolution or default_image_size(comps)
+    eval_size = s.eval_size or image_size
+    out_dir = Path(s.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if s.shapes is not None:
+            from tokencompose.data.shapes import make_shapes_dataset
+
+            data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size)
+            data_info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
+        else:
+            data, data_info = Path(s.data), {"source": s.data}
+        ds: Any = TokenDataset(data, comps.tokenizer, image_size=image_size, attention_sizes=[(eval_size, eval_size)])
+        if s.limit:
+            ds = Subset(ds, range(min(s.limit, len(ds))))
+        from tqdm.auto import tqdm
+
+        loader = tqdm(
+            DataLoader(ds, batch_size=s.batch_size, collate_fn=collate), desc="grounding", unit="batch", disable=None
+        )
+        scores = evaluate_grounding(
+            comps.unet, comps.vae, comps.text_encoder,
+            DDPMScheduler.from_config(comps.scheduler.config),  # the training noise schedule
+            loader, timesteps=s.timesteps, layers=s.layers, eval_size=(eval_size, eval_size),
+            thresholds=s.thresholds, seed=s.seed,
+        )  # fmt: skip
+    result = {
+        "kind": "grounding",
+        "name": s.name,
+        "model": model_record(s.model),
+        "data": {**data_info, "image_size": image_size, "eval_size": eval_size, "limit": s.limit},
+        "layers": ",".join(s.layers),
+        "seed": s.seed,
+        "dtype": str(comps.unet.dtype),
+        "device": str(comps.unet.device),
+        "scores": scores,
+        "settings": SETTINGS_FILE,
+        "environment": package_versions(),
+        "created": now_iso(),
+    }
+    save_settings(out_dir, s)
+    write_json_atomic(out_dir / "results.json", result)
+    return result

@@ -69,3 +69,23 @@ def test_bad_demo_setting_names_the_key(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "stepz" in err and len(err.splitlines()) == 1
+
+
+def test_demo_refuses_a_folder_of_another_run(smoke_run, capsys):
+    """Another seed in the same folder would resume the old arms and report them as the new run's."""
+    _, out = smoke_run
+    rc = main(["demo", "--smoke", "--out", str(out), "--base", str(out.parent / "base"), "seed=7"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "seed 0 there, 7 now" in err and len(err.splitlines()) == 1
+
+
+def test_demo_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--smoke", "--out", str(tmp_path)]) == 2
+    assert "holds no demo run" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_demo_settings_are_typed(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "steps=many"]) == 2
+    assert "config key 'steps': expected an integer" in capsys.readouterr().err

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from tokencompose.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,38 +34,72 @@ def shipped_base() -> Path | None:
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo. The defaults fit ~10 minutes on 2 CPU cores; ``smoke()`` fits ~1 minute."""
+    """Sizes of the demo. The defaults fit a few minutes on 2 CPU cores; :data:`SMOKE` about one minute."""
 
     out: str = "runs/demo"
+    """Output folder; re-running resumes from it (a folder holding other settings is refused)."""
     base: str | None = None
     """Base model folder (diffusers layout); None = the shipped shapes-world base."""
     seed: int = 0
+    """Seed of the training scenes, the prompts and the training noise."""
     train_images: int = 1000
+    """Training scenes rendered from the shapes world."""
     min_objects: int = 2
+    """Fewest objects in a training scene."""
     max_objects: int = 4
+    """Most objects in a training scene."""
     steps: int = 300
+    """Optimizer steps of each fine-tuned arm."""
     batch_size: int = 16
+    """Training batch size."""
     lr: float = 1e-4
+    """Learning rate of each arm."""
     token_weight: float = 5e-2
+    """lambda: weight of the token loss in the TokenCompose arm."""
     pixel_weight: float = 2.5e-3
+    """gamma: weight of the pixel loss in the TokenCompose arm."""
     roi_weight: float = 0.0
     """> 0 adds a third arm: TokenCompose + ROI-token alignment."""
     prompts: int = 60
+    """MultiGen prompts (sampled shapes-world categories)."""
     objects_per_prompt: int = 5
+    """K: categories named per prompt."""
     images_per_prompt: int = 4
+    """Images per prompt, each with its own seed."""
     sample_steps: int = 25
-    guidance: float = 5.0
+    """Denoising steps when generating."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale when generating."""
     grounding_images: int = 64
-    grounding_timesteps: str = "200,500"
+    """Held-out scenes of the attention-grounding metric."""
+    grounding_timesteps: list[int] = field(default_factory=lambda: [200, 500])
+    """Noise timesteps the grounding metric reads attention at."""
     figures: bool = True
+    """Draw the attention, mask and grid figures."""
 
-    @classmethod
-    def smoke(cls, **kw: Any) -> DemoSettings:
-        small = dict(
-            train_images=16, steps=2, batch_size=4, prompts=2, images_per_prompt=1, sample_steps=2, grounding_images=4
-        )
-        small.update(kw)
-        return cls(**small)
+
+# ``tokencompose demo --smoke``: every stage on a tiny scale (checks the wiring, about a minute).
+SMOKE = {"train_images": 16, "steps": 2, "batch_size": 4, "prompts": 2, "images_per_prompt": 1, "sample_steps": 2,
+         "grounding_images": 4}  # fmt: skip
+
+# Fields that do not change any result: a folder made with other values of these is resumed, not refused.
+_RESUMABLE = ("out", "figures")
+
+
+def _check_folder(out: Path, record: dict[str, Any]) -> None:
+    """Refuse an output folder that holds a demo run with other settings (its models and scores would mix)."""
+    path = out / "demo_settings.json"
+    if not path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty and holds no demo run: choose another --out")
+        return
+    old = json.loads(path.read_text())
+    for key, value in record.items():
+        if key not in _RESUMABLE and key in old and old[key] != value:
+            raise UserError(
+                f"{out} holds a demo run with other settings ({key} {old[key]!r} there, {value!r} now): "
+                "use another --out, or delete the folder to start over"
+            )
 
 
 def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float, pixel: float, roi: float) -> Path:
@@ -110,7 +146,7 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
                 name=name,
                 model=model,
                 prompts=PromptSettings(prompts=str(prompts)),
-                generation=GenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance, resolution=64,
+                generation=GenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance_scale, resolution=64,
                                               images_per_prompt=s.images_per_prompt, scheduler="ddim", seed=s.seed),
                 detector=DetectorSettings(detector="shapes", queries="prompt"),
                 run=ShardSettings(batch_size=16),
@@ -120,7 +156,7 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
     if not gr.is_file():
         run_grounding(
             GroundingSettings(out=str(gr.parent), name=name, model=model, shapes=s.grounding_images, resolution=64,
-                              timesteps=[int(t) for t in s.grounding_timesteps.split(",")], batch_size=16)
+                              timesteps=list(s.grounding_timesteps), batch_size=16)
         )  # fmt: skip
     return {"multigen": mg, "grounding": gr}
 
@@ -139,7 +175,7 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
     prompt = "a photo of a red circle, a blue square, and a green triangle."
     for name, settings in specs:
         make.attention_from_prompt(
-            load_model(settings), prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance, label=name
+            load_model(settings), prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance_scale, label=name
         )
     make.mask_comparisons(heldout, specs, out, num=3, seed=s.seed, noise_levels=(300,))
     prompts = [
@@ -147,7 +183,7 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
         "a photo of a yellow cross and a purple circle.",
         "a photo of a cyan square, a red cross, and a blue circle.",
     ]
-    make.model_grid(specs, prompts, out, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance)
+    make.model_grid(specs, prompts, out, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance_scale)
     return out  # loss curves: the report draws them from each run's metrics.jsonl
 
 
@@ -204,11 +240,13 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base = Path(s.base) if s.base else shipped_base()
     if base is None:
-        raise FileNotFoundError(
+        raise UserError(
             "no shapes-world base model is shipped with this install; train one with "
             "`tokencompose pretrain` and pass it with --base runs/shapes_base/model"
         )
-    (out / "demo_settings.json").write_text(json.dumps({**asdict(s), "base": str(base)}, indent=2))
+    record = {**asdict(s), "base": str(base)}
+    _check_folder(out, record)
+    (out / "demo_settings.json").write_text(json.dumps(record, indent=2))
     arms_spec = [("control", 0.0, 0.0, 0.0), ("tokencompose", s.token_weight, s.pixel_weight, 0.0)]
     if s.roi_weight > 0:
         arms_spec.append(("tokencompose_roi", s.token_weight, s.pixel_weight, s.roi_weight))

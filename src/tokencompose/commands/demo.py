@@ -17,26 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
-    import yaml
 
-    from tokencompose.config import ConfigError
-    from tokencompose.demo import DemoSettings, run_demo
+    from tokencompose.demo import SMOKE, DemoSettings, run_demo
+    from tokencompose.typed_data import load_settings, merge
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    fields = {f.name: f for f in dataclasses.fields(DemoSettings)}
-    kw: dict = {"out": args.out, "base": args.base}
-    for text in args.settings:
-        key, sep, raw = text.partition("=")
-        if not sep or key not in fields or key in ("out", "base"):
-            raise ConfigError(key or text, f"unknown demo setting (known: {', '.join(sorted(fields))})")
-        kw[key] = yaml.safe_load(raw)
+    given: dict = {"out": args.out}
+    if args.base is not None:
+        given["base"] = args.base
     if args.roi:
-        kw.setdefault("roi_weight", 1e-2)
-    settings = DemoSettings.smoke(**kw) if args.smoke else DemoSettings(**kw)
+        given["roi_weight"] = 1e-2
+    # Smoke sizes, then the flags, then key=value: the one typed parsing path (errors name the key).
+    settings = load_settings(DemoSettings, merge(SMOKE if args.smoke else {}, given), args.settings)
     summary = run_demo(settings)
     print()
     print(f"{'model':<18} {'MG1':>7} {'MG2':>7} {'MG3':>7} {'MG4':>7} {'MG5':>7} {'mIoU':>7} {'AUROC':>7}")

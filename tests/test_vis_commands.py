@@ -165,3 +165,18 @@ def test_curves_from_run_folder(tmp_path):
     assert main(["visualize", "curves", str(run)]) == 0
     assert (run / "loss_curves.png").is_file()
     assert _manifest(run)[0]["kind"] == "curves"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["grid", "--prompt", "a cat", "--seeds", "zero"], "config key 'seeds[0]'"),
+        (["grid", "--prompt", "a cat", "dpi=high"], "config key 'dpi'"),
+        (["attention", "a cat", "--t-range", "1,2,3"], "two timesteps"),
+        (["masks", "--data", "x.jsonl", "--no-base"], "no model to show"),
+    ],
+)
+def test_bad_visualize_settings_are_one_line_exit_2(models, tmp_path, capsys, argv, words):
+    rc = main(["visualize", *argv, "--model", str(models / "base"), "--out", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and words in err and len(err.splitlines()) == 1, err

@@ -12,6 +12,7 @@ re-running the command after an interruption resumes (training resumes at its la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tokencompose.errors import UserError
+from tokencompose.loading import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -162,28 +164,28 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
 
 
 def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
-    from tokencompose.loading import ModelSettings, load_model
-    from tokencompose.visualize import make
+    """The report's figures through the visualize library: attention per arm, masks vs attention, a grid."""
+    from tokencompose.visualize.run import VisualizeSettings, run_visualize
 
     out = Path(s.out) / "figures"
     if (out / "figures.json").is_file():
         return out
-    specs = [
-        (name, ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu"))
-        for name, ckpt in arms.items()
-    ]
+    model = ModelSettings(model=str(base), device="cpu")
+    checkpoints = [f"{name}={ckpt}" for name, ckpt in arms.items() if ckpt is not None]
+    common = dict(out=str(out), seed=s.seed, steps=s.sample_steps, guidance_scale=s.guidance_scale)
     prompt = "a photo of a red circle, a blue square, and a green triangle."
-    for name, settings in specs:
-        make.attention_from_prompt(
-            load_model(settings), prompt, out, seed=s.seed, steps=s.sample_steps, guidance=s.guidance_scale, label=name
-        )
-    make.mask_comparisons(heldout, specs, out, num=3, seed=s.seed, noise_levels=(300,))
+    for name, ckpt in arms.items():
+        arm = dataclasses.replace(model, checkpoint=str(ckpt) if ckpt is not None else None)
+        run_visualize(VisualizeSettings(figure="attention", model=arm, label=name, prompts=[prompt], **common))
+    run_visualize(VisualizeSettings(figure="masks", model=model, checkpoints=checkpoints, data=str(heldout), num=3,
+                                    timesteps=[300], **common))  # fmt: skip
     prompts = [
         prompt,
         "a photo of a yellow cross and a purple circle.",
         "a photo of a cyan square, a red cross, and a blue circle.",
     ]
-    make.model_grid(specs, prompts, out, seeds=(0, 1), steps=s.sample_steps, guidance=s.guidance_scale)
+    run_visualize(VisualizeSettings(figure="grid", model=model, checkpoints=checkpoints, prompts=prompts, seeds=[0, 1],
+                                    **common))  # fmt: skip
     return out  # loss curves: the report draws them from each run's metrics.jsonl
 
 

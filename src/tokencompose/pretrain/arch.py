@@ -23,15 +23,21 @@ class ShapesArch:
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)
     """AutoencoderKL block widths; the stride is 2 ** (len - 1)."""
     latent_channels: int = 4
+    """Channels of the latent (SD's 4)."""
     unet_channels: tuple[int, ...] = (32, 64, 64)
     """UNet block widths; every block has cross-attention."""
     unet_layers_per_block: int = 1
+    """ResNet + transformer layers per UNet block."""
     heads: int = 4
     """Attention heads of every UNet transformer."""
     text_hidden: int = 64
+    """Width of the CLIP text encoder."""
     text_layers: int = 2
+    """Transformer layers of the text encoder."""
     text_heads: int = 4
+    """Attention heads of the text encoder."""
     extra: dict = field(default_factory=dict)
+    """Extra ``UNet2DConditionModel`` config keys (for experiments)."""
 
     @property
     def vae_stride(self) -> int:

@@ -36,24 +36,37 @@ class PretrainConfig:
     """The base-model recipe. Every field can be overridden as ``key=value`` on the command line."""
 
     arch: ShapesArch = field(default_factory=ShapesArch)
+    """Sizes of the VAE, text encoder and UNet."""
     seed: int = 0
     """Seed of the scene stream and of the initial weights."""
     min_objects: int = 1
+    """Fewest objects in a scene."""
     max_objects: int = 3
     """Scenes hold 1..max_objects objects: the base learns single objects and simple pairs."""
     vae_steps: int = 2500
+    """Optimizer steps of stage 1 (the VAE)."""
     vae_batch: int = 16
+    """Batch size of stage 1."""
     vae_lr: float = 1e-3
+    """Learning rate of stage 1."""
     kl_weight: float = 1e-6
+    """Weight of the VAE's KL term (small: a near-deterministic autoencoder, as SD's)."""
     unet_steps: int = 12000
+    """Optimizer steps of stage 2 (text encoder + UNet, denoising loss)."""
     unet_batch: int = 32
+    """Batch size of stage 2."""
     unet_lr: float = 5e-4
+    """UNet learning rate of stage 2."""
     text_lr: float = 2e-4
+    """Text-encoder learning rate of stage 2."""
     warmup: int = 200
+    """Linear warm-up steps of both stages."""
     ema_decay: float = 0.999
+    """EMA decay of the UNet (the exported weights are the EMA)."""
     caption_dropout: float = 0.1
     """Share of empty captions, so classifier-free guidance works at sampling time."""
     checkpoint_every: int = 250
+    """Steps between resumable checkpoints."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
 
@@ -293,16 +306,6 @@ def load_pretrain_config(source: str | Path | None = None, overrides: list[str] 
 
     Unknown keys and ill-typed values raise :class:`tokencompose.config.ConfigError` naming the key.
     """
-    from tokencompose.config import build_dataclass, parse_override
-    from tokencompose.typed_data import load_yaml_text
+    from tokencompose.typed_data import load_settings
 
-    data: dict = {}
-    if source is not None:
-        data = load_yaml_text(Path(source).read_text(), source) or {}
-    for text in overrides or []:
-        parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return build_dataclass(PretrainConfig, data)
+    return load_settings(PretrainConfig, None, overrides, source)

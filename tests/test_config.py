@@ -109,7 +109,7 @@ def test_cross_field_checks():
         load_config("shapes_lora", ["train.ema.enabled=true"])
 
 
-def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, caplog):
+def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, capsys):
     import tokencompose.models as models
     from tokencompose.cli import main
 
@@ -120,6 +120,6 @@ def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, caplog):
     monkeypatch.setattr(models, "tiny_components", boom)
     heavy_before = "tokencompose.train.loop" in sys.modules
     assert main(["train", "shapes_tiny", "train.nan_policy=ignore"]) == 2
-    assert "train.nan_policy" in caplog.text
+    assert "train.nan_policy" in capsys.readouterr().err
     if not heavy_before:  # the training loop (and accelerate) was never even imported
         assert "tokencompose.train.loop" not in sys.modules

@@ -23,20 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokencompose.config import ConfigError, dump_yaml, load_config, preset_names
+    from tokencompose.config import dump_yaml, load_config, preset_names
+    from tokencompose.errors import UserError
 
     if args.list_presets:
         print("\n".join(preset_names()))
         return 0
     if not args.config:
-        log.error("name a config file or preset (tokencompose train --list-presets)")
-        return 2
+        raise UserError("name a config file or preset (tokencompose train --list-presets)")
     try:
-        # Parsed and validated before anything heavy is imported or loaded.
+        # Parsed and validated before anything heavy is imported or loaded; a ConfigError is a UserError.
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0

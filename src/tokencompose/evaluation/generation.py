@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -49,7 +49,7 @@ class GenerationSettings:
     """Image height and width in pixels; None: the model's native size (UNet sample size x VAE factor)."""
     images_per_prompt: int = 10
     """Images per prompt, each with its own seed."""
-    scheduler: str = "pndm"
+    scheduler: Literal["pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm", "default"] = "pndm"
     """Sampler: ``pndm`` | ``ddim`` | ``ddpm`` | ``euler`` | ``euler-ancestral`` | ``dpm`` | ``default``."""
     seed: int = 0
     """Base seed; image seeds derive from (seed, prompt id, index)."""

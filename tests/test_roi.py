@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokencompose.phrase_ids import phrase_text_id, phrase_text_ids
 from tokencompose.roi import (
     TAU_INIT,
     RoiAlignmentHead,
@@ -18,6 +19,11 @@ from tokencompose.roi import (
     roi_features,
     same_text_mask,
 )
+
+
+def _same(texts: list[str]) -> torch.Tensor:
+    """Same-text mask of a flat list of texts, through the ids ``collate`` builds."""
+    return same_text_mask(phrase_text_ids([texts])[0])
 
 
 def _unit(m: int, e: int, seed: int) -> torch.Tensor:
@@ -48,9 +54,17 @@ def _brute_force(img, txt, tau: float, texts: list[str], symmetric: bool) -> flo
 # Labels and loss
 # ---------------------------------------------------------------------------------------------------
 def test_same_text_mask_normalises_case_and_spaces():
-    mask = same_text_mask(["A dog", " a  dog ", "cat", "dogs"])
+    mask = _same(["A dog", " a  dog ", "cat", "dogs"])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def test_phrase_text_ids_are_stable_and_padded():
+    # A fixed value: Python's salted hash() would differ per process, and DDP compares ids across processes.
+    assert phrase_text_id("Red  Circle ") == phrase_text_id("red circle") == 2946446551055536404
+    ids = phrase_text_ids([["dog", "cat"], [], ["Dog"]], num_phrases=3)
+    assert ids.dtype == torch.long and ids.shape == (3, 3)
+    assert ids[0, 0] == ids[2, 0] != ids[0, 1] and not ids[1].any() and not ids[:, 2].any()
 
 
 TEXTS = ["dog", "cat", "Dog", "bird", "cat ", "tree"]
@@ -60,7 +74,7 @@ TEXTS = ["dog", "cat", "Dog", "bird", "cat ", "tree"]
 def test_loss_equals_brute_force_with_repeated_texts(symmetric):
     img, txt = _unit(6, 8, 1), _unit(6, 8, 2)
     tau = torch.tensor(0.2)
-    got = info_nce(img, txt, tau, same_text_mask(TEXTS), symmetric)
+    got = info_nce(img, txt, tau, _same(TEXTS), symmetric)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(_brute_force(img, txt, 0.2, TEXTS, symmetric), rel=1e-5)
 
@@ -72,7 +86,7 @@ def test_repeated_text_is_neither_negative_nor_positive():
     texts = ["dog", "cat", "dog", "bird"]
     emb = basis[[0, 1, 0, 2]]
     tau = torch.tensor(0.01)
-    assert info_nce(emb, emb, tau, same_text_mask(texts)).item() < 1e-6
+    assert info_nce(emb, emb, tau, _same(texts)).item() < 1e-6
     unmasked = info_nce(emb, emb, tau, torch.eye(4, dtype=torch.bool))
     assert unmasked.item() == pytest.approx(2 / 4 * math.log(2), rel=1e-4)  # the two "dog" rows
 
@@ -80,7 +94,7 @@ def test_repeated_text_is_neither_negative_nor_positive():
 def test_denominators_hold_exactly_the_different_texts():
     # d loss / d img_i depends on txt_j only for j == i or text_j != text_i: perturb each txt_j and look.
     img, txt = _unit(6, 8, 3), _unit(6, 8, 4)
-    same = same_text_mask(TEXTS)
+    same = _same(TEXTS)
     tau = torch.tensor(0.1)
 
     def grad_img(t):
@@ -101,7 +115,7 @@ def test_denominators_hold_exactly_the_different_texts():
 def test_positive_is_the_diagonal():
     # Swapping the texts of two different phrases must raise the loss of an aligned batch.
     emb = torch.eye(3)
-    same = same_text_mask(["a", "b", "c"])
+    same = _same(["a", "b", "c"])
     tau = torch.tensor(0.1)
     assert info_nce(emb, emb, tau, same) < info_nce(emb, emb[[1, 0, 2]], tau, same)
 
@@ -111,10 +125,35 @@ def test_degenerate_batches_give_exact_zero_with_graph():
     for m, texts in ((0, []), (1, ["dog"]), (3, ["dog", "Dog", "dog "])):
         img = _unit(max(m, 1), 4, 5)[:m].requires_grad_(True)
         txt = _unit(max(m, 1), 4, 6)[:m].requires_grad_(True)
-        loss = info_nce(img, txt, tau, same_text_mask(texts), symmetric=True)
+        loss = info_nce(img, txt, tau, _same(texts), symmetric=True)
         assert loss.item() == 0.0 and loss.requires_grad
         loss.backward()
         assert torch.isfinite(img.grad).all() and torch.isfinite(tau.grad)
+        assert not img.grad.any() and not txt.grad.any() and tau.grad == 0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_padding_rows_are_masked_not_selected(symmetric):
+    # Padding rows (any embedding, any id, even a repeat of a real text's) change neither loss nor gradients.
+    img, txt = _unit(6, 8, 11), _unit(6, 8, 12)
+    ids = phrase_text_ids([TEXTS])[0]
+    valid = torch.tensor([True, False, True, True, False, True])
+    ids_padded = ids.clone()
+    ids_padded[1] = ids[0]  # a padding slot whose id equals a real phrase's
+    tau = torch.tensor(0.15)
+
+    def run(x, t, i, v):
+        x, t = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        loss = info_nce(x, t, tau, same_text_mask(i), symmetric, valid=v)
+        loss.backward()
+        return loss, x.grad, t.grad
+
+    loss, g_img, g_txt = run(img, txt, ids_padded, valid)
+    ref, r_img, r_txt = run(img[valid], txt[valid], ids[valid], None)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g_img[valid], r_img)
+    torch.testing.assert_close(g_txt[valid], r_txt)
+    assert not g_img[~valid].any() and not g_txt[~valid].any()  # exactly zero, not just small
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,9 +179,10 @@ def test_roi_align_maps_boxes_to_their_feature_cells():
     valid = torch.tensor([[True, False, True], [False, True, False]])
     for output_size, ratio in ((1, 2), (2, 2), (3, 4), (4, 1)):
         got = roi_features(feats, boxes, valid, (64, 64), output_size, ratio)
+        assert got.shape == (2, 3, 3) and not got[~valid].any()  # padding slots are zero rows
         # Pixel box [x0, x1) covers cells [x0/8, x1/8); the mean of cell indices is its centre - 0.5.
         expected = torch.tensor([[3.0, 2.0, 0.0], [1.5, 3.5, 0.0], [5.0, 2.0, 1.0]])  # row-major (b, p)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[valid], expected, rtol=0, atol=1e-5)
 
 
 def test_roi_align_cell_weights_and_non_square_scale():
@@ -151,15 +191,16 @@ def test_roi_align_cell_weights_and_non_square_scale():
     feats = torch.eye(h * w).reshape(h * w, h, w)[None]
     boxes = torch.tensor([[[32, 8, 56, 32]]], dtype=torch.float32)  # cells x 4..6, y 1..3
     # Bin = one cell and one sample per bin: samples at cell centres exactly.
-    got = roi_features(feats, boxes, torch.ones(1, 1, dtype=torch.bool), (height, width), 3, 1)
+    got = roi_features(feats, boxes, torch.ones(1, 1, dtype=torch.bool), (height, width), 3, 1)[0, 0]
     expected = torch.zeros(h, w)
     expected[1:4, 4:7] = 1 / 9
     torch.testing.assert_close(got.reshape(h, w), expected, rtol=0, atol=1e-6)
 
 
-def test_roi_features_with_no_valid_box_is_empty():
-    out = roi_features(torch.randn(2, 5, 8, 8), torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool), (64, 64))
-    assert out.shape == (0, 5)
+def test_roi_features_with_no_valid_box_is_zero():
+    boxes = torch.full((2, 3, 4), float("nan"))  # whatever padding holds must not reach roi_align
+    out = roi_features(torch.randn(2, 5, 8, 8), boxes, torch.zeros(2, 3, dtype=torch.bool), (64, 64))
+    assert out.shape == (2, 3, 5) and not out.any()
 
 
 def test_phrase_text_embeddings_mean_over_span():
@@ -232,7 +273,7 @@ def _batch():
     box_valid = torch.tensor([[True, True], [True, False]])
     token_index = torch.tensor([[[2, 3], [5, 0]], [[1, 2], [0, 0]]])
     token_valid = torch.tensor([[[True, True], [True, False]], [[True, True], [False, False]]])
-    return boxes, box_valid, token_index, token_valid, [["red circle", "square"], ["Red circle"]]
+    return boxes, box_valid, token_index, token_valid, phrase_text_ids([["red circle", "square"], ["Red circle"]])
 
 
 def test_gradients_reach_unet_heads_and_temperature(tiny):
@@ -248,7 +289,7 @@ def test_gradients_reach_unet_heads_and_temperature(tiny):
         unet(latents, t, hidden)
         out = head(cap.features, boxes, box_valid, (64, 64), hidden, token_index, token_valid, texts)
     # Three valid phrases, but "red circle" twice: only the pairs against "square" contrast.
-    assert out.num_phrases == 3 and out.skipped is None and out.loss.item() > 0
+    assert out.num_phrases.item() == 3 and out.skipped is None and out.loss.item() > 0
     out.loss.backward()
     for name, module in (("unet block", unet.up_blocks[2]), ("unet input", unet.conv_in)):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
@@ -269,9 +310,9 @@ def test_head_single_phrase_is_zero_without_nan():
         torch.randn(1, 77, 5),
         torch.tensor([[[1]]]),
         torch.tensor([[[True]]]),
-        [["dog"]],
+        phrase_text_ids([["dog"]]),
     )
-    assert out.loss.item() == 0.0 and out.num_phrases == 1 and "1 valid" in out.skipped
+    assert out.loss.item() == 0.0 and out.num_phrases.item() == 1 and "1 valid" in out.skipped
     out.loss.backward()
     grads = [feats.grad] + [p.grad for p in head.parameters()]
     assert all(g is not None and torch.isfinite(g).all() and not g.any() for g in grads)
@@ -282,7 +323,7 @@ def test_head_loss_matches_info_nce_on_its_embeddings():
     boxes, box_valid, token_index, token_valid, texts = _batch()
     feats, hidden = torch.randn(2, 6, 8, 8), torch.randn(2, 77, 5)
     out = head(feats, boxes, box_valid, (64, 64), hidden, token_index, token_valid, texts)
-    img = F.normalize(head.image_proj(roi_features(feats, boxes, box_valid, (64, 64))), dim=-1)
+    img = F.normalize(head.image_proj(roi_features(feats, boxes, box_valid, (64, 64))[box_valid]), dim=-1)
     txt = F.normalize(head.text_proj(phrase_text_embeddings(hidden, token_index, token_valid)[box_valid]), dim=-1)
     flat = ["red circle", "square", "Red circle"]
     ref = _brute_force(img.detach(), txt.detach(), TAU_INIT, flat, symmetric=True)
@@ -326,3 +367,70 @@ def test_head_runs_in_float32_under_autocast_with_bf16_features():
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.loss > 0
     out.loss.backward()
     assert feats.grad.dtype == torch.bfloat16 and feats.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# No host sync in the step: ids from collate, padding as masks, one graph
+# ---------------------------------------------------------------------------------------------------
+def _sample(phrases: list[str], boxes: list[list[float]]) -> dict:
+    k = len(phrases)
+    return {
+        "index": 0,
+        "caption": "a caption",
+        "input_ids": torch.zeros(77, dtype=torch.long),
+        "positions": [[1 + i] for i in range(k)],
+        "masks": {(2, 2): torch.ones(k, 4, dtype=torch.bool)},
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "box_valid": torch.ones(k, dtype=torch.bool),
+        "phrases": phrases,
+    }
+
+
+def test_collate_builds_phrase_ids_aligned_with_phrases():
+    from tokencompose.data.dataset import collate
+
+    batch = collate([_sample(["red circle", "square"], [[0, 0, 8, 8]] * 2), _sample(["Red  circle"], [[0, 0, 8, 8]])])
+    assert torch.equal(batch["phrase_ids"], phrase_text_ids([["red circle", "square"], ["red circle"]], 2))
+    assert batch["phrase_ids"].shape == batch["box_valid"].shape
+
+
+def test_head_loss_compiles_as_one_graph_and_matches_eager():
+    """``fullgraph=True`` raises at any graph break, and every host sync (``.item()``, ``.tolist()``,
+    ``bool(tensor)``, ``nonzero``, boolean-mask indexing, ``torch.unique``) is one on a CPU trace."""
+    import torch._dynamo
+
+    head = RoiAlignmentHead(feature_dim=6, text_dim=5, embed_dim=4, symmetric=True)
+    boxes, box_valid, token_index, token_valid, ids = _batch()
+    boxes[1, 1] = float("nan")  # padding slot: masked, never selected
+    feats = torch.randn(2, 6, 8, 8, requires_grad=True)
+    hidden = torch.randn(2, 77, 5)
+
+    def loss(feats):
+        out = head(feats, boxes, box_valid, (64, 64), hidden, token_index, token_valid, ids)
+        return out.loss, out.num_phrases, out.contrasted
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss, backend="eager", fullgraph=True)(feats)
+    finally:
+        torch._dynamo.reset()
+    eager = loss(feats)
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c, e)
+    assert compiled[1].item() == 3 and compiled[0] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sync debug mode is CUDA-only")
+def test_head_loss_makes_no_cuda_sync():
+    head = RoiAlignmentHead(feature_dim=6, text_dim=5, embed_dim=4, symmetric=True).cuda()
+    boxes, box_valid, token_index, token_valid, ids = (x.cuda() for x in _batch())
+    feats, hidden = torch.randn(2, 6, 8, 8, device="cuda"), torch.randn(2, 77, 5, device="cuda")
+    head(feats, boxes, box_valid, (64, 64), hidden, token_index, token_valid, ids)  # warm-up (lazy init)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = head(feats, boxes, box_valid, (64, 64), hidden, token_index, token_valid, ids)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.loss.item() > 0

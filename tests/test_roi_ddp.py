@@ -1,8 +1,9 @@
 """ROI contrastive loss under DDP: 2 CPU processes (gloo) reproduce the single-process global batch.
 
 Loss and every parameter gradient (after DDP's averaging) must equal those of one process holding
-the concatenated batch, with a different number of phrases per process (one process with none),
-and a phrase text repeated across processes (masked across the gather).
+the concatenated batch, with a different number of phrases per process (one process with none), a
+different padded ``P`` per process (as ``collate`` pads per local batch, so each process has its own
+number of rows), and a phrase text repeated across processes (masked across the gather by its id).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from tokencompose.phrase_ids import phrase_text_ids
 from tokencompose.roi import RoiAlignmentHead
 
 WORLD = 2
@@ -39,7 +41,7 @@ class _Net(nn.Module):
             batch["hidden"],
             batch["token_index"],
             batch["token_valid"],
-            batch["phrases"],
+            batch["phrase_ids"],
         )
 
 
@@ -60,20 +62,26 @@ def _scenarios() -> list[dict]:
     uneven = dict(
         common,
         box_valid=torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool),
-        phrases=[["dog", "cat", "tree"], ["bird"], ["Dog"], []],
+        phrase_ids=phrase_text_ids([["dog", "cat", "tree"], ["bird"], ["Dog"], []], p),
     )
     # 1 phrase in the whole global batch: 0 on every process, no hang, finite (zero) gradients.
     single = dict(
         common,
         box_valid=torch.tensor([[0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool),
-        phrases=[[], ["bird"], [], []],
+        phrase_ids=phrase_text_ids([[], ["bird"], [], []], p),
     )
     return [uneven, single]
 
 
 def _local(batch: dict, rank: int) -> dict:
+    """Rank ``rank``'s samples, ``P`` cut to its own longest phrase list (at least 1), as ``collate`` pads."""
     s = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    return {k: v[s] for k, v in batch.items()}
+    local = {k: v[s] for k, v in batch.items()}
+    used = local["box_valid"].any(dim=0).nonzero()
+    p = int(used.max()) + 1 if len(used) else 1
+    for key in ("boxes", "box_valid", "token_index", "token_valid", "phrase_ids"):
+        local[key] = local[key][:, :p]
+    return local
 
 
 def _run(net: nn.Module, batch: dict) -> dict:
@@ -82,7 +90,7 @@ def _run(net: nn.Module, batch: dict) -> dict:
     out.loss.backward()
     inner = net.module if hasattr(net, "module") else net
     grads = {n: p.grad.clone() for n, p in inner.named_parameters()}
-    return {"loss": out.loss.detach(), "num_phrases": out.num_phrases, "grads": grads}
+    return {"loss": out.loss.detach(), "num_phrases": int(out.num_phrases), "grads": grads}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -12,17 +12,22 @@ differs from ``i``'s: a phrase with the same text elsewhere in the batch is neit
 positive, it is removed from the denominator. ``tau`` is learnable (``log tau`` parameter). The
 symmetric form averages this with the text->image direction.
 
+No host syncs in the step: texts are compared through int64 ids that ``collate`` computes
+(:func:`~tokencompose.phrase_ids.phrase_text_ids`, a stable hash of the normalised text, equal on
+every process), the same-text mask is built on the device from them, and padding phrases stay in
+the tensors as masked rows (every ``(b, p)`` slot is a row), so no shape depends on a device value.
+
 The decoder features come from the same UNet forward that predicts the noise (a forward hook, no
 second pass): :func:`decoder_feature_hook`.
 
 Shapes: ``B`` batch, ``P`` phrases per sample, ``T`` tokens per phrase, ``L`` text length, ``D`` text
-width, ``C`` feature channels, ``E`` embedding width, ``M`` valid phrases (row-major over ``(b, p)``).
+width, ``C`` feature channels, ``E`` embedding width, ``R = B*P`` phrase slots (row-major over ``(b, p)``),
+``M`` rows of the InfoNCE (``R``, or the gathered rows of every process under DDP).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +39,6 @@ from torch import nn
 
 from tokencompose.maps import gather_phrase_rows
 from tokencompose.roi_dist import gather_phrases, world
-
-log = logging.getLogger(__name__)
 
 ROI_HEAD_FILE = "roi_head.safetensors"
 TAU_INIT, TAU_MIN, TAU_MAX = 0.07, 0.01, 1.0  # CLIP's init; its logit-scale cap of 100 is tau >= 0.01
@@ -113,7 +116,7 @@ def roi_features(
     sampling_ratio: int = 2,
     aligned: bool = True,
 ) -> torch.Tensor:
-    """ROI-Align pooled features of the valid boxes: ``[B, C, h, w]``, ``[B, P, 4]``, ``[B, P]`` -> ``[M, C]``.
+    """ROI-Align pooled features of every box slot: ``[B, C, h, w]``, ``[B, P, 4]``, ``[B, P]`` -> ``[B, P, C]``.
 
     Boxes are ``(x0, y0, x1, y1)`` in continuous image pixels (pixel ``k`` spans ``[k, k+1)``, so a
     mask's box has an exclusive max) of an image of ``image_size = (H, W)``. They are scaled to
@@ -121,20 +124,31 @@ def roi_features(
     the same as ``spatial_scale = h/H`` when the aspect ratios match, and still right when they do not.
     ``aligned=True`` puts cell centres at half-integers, which is what the pixel convention above needs.
     Each box gives an ``output_size x output_size`` grid (``sampling_ratio`` bilinear samples per bin
-    side), averaged to one ``C`` vector. Rows are row-major over the valid ``(b, p)``. Float32.
+    side), averaged to one ``C`` vector. Float32.
+
+    Every slot is pooled (fixed shapes: selecting the valid ones would need their count on the host);
+    an invalid slot pools a dummy one-cell box and its row is zeroed, so it carries no gradient.
     """
     from torchvision.ops import roi_align
 
+    b, p = box_valid.shape
     _, _, h, w = features.shape
     height, width = image_size
-    b_idx, p_idx = box_valid.nonzero(as_tuple=True)
-    scale = torch.tensor([w / width, h / height, w / width, h / height], device=features.device)
-    sel = boxes[b_idx, p_idx].to(device=features.device, dtype=torch.float32) * scale
-    rois = torch.cat([b_idx.to(device=features.device, dtype=torch.float32)[:, None], sel], dim=1)  # [M, 5]
+    valid = box_valid.to(features.device)
+    # Scaled by Python scalars, not a constant tensor: copying one to the device would sync under CUDA.
+    corners = boxes.to(device=features.device, dtype=torch.float32).reshape(b * p, 2, 2)  # [(x0, y0), (x1, y1)]
+    cells = torch.stack([corners[..., 0] * (w / width), corners[..., 1] * (h / height)], dim=-1).reshape(b * p, 4)
+    # Padding may hold NaN or empty boxes: pool the cell (0, 0, 1, 1) instead (its row is zeroed below).
+    pad = ~valid.reshape(b * p, 1)
+    dummy = torch.zeros_like(cells[:1])
+    dummy[:, 2:] = 1.0
+    cells = torch.where(pad, dummy, cells)
+    batch_of = torch.arange(b, device=features.device, dtype=torch.float32).repeat_interleave(p)
+    rois = torch.cat([batch_of[:, None], cells], dim=1)  # [B*P, 5]
     pooled = roi_align(
         features.float(), rois, output_size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned
-    )  # [M, C, o, o]
-    return pooled.mean(dim=(-2, -1))
+    )  # [B*P, C, o, o]
+    return pooled.mean(dim=(-2, -1)).reshape(b, p, -1) * valid[..., None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,17 +165,9 @@ def phrase_text_embeddings(hidden: torch.Tensor, token_index: torch.Tensor, toke
     return (tokens * weight).sum(dim=2) / weight.sum(dim=2).clamp_min(1.0)
 
 
-def normalize_phrase(text: str) -> str:
-    """Text identity used for masking: lower-case, surrounding and repeated whitespace removed."""
-    return " ".join(text.lower().split())
-
-
-def same_text_mask(texts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-    """``[M, M]`` bool: ``True`` where the two phrases have the same normalised text (diagonal included)."""
-    ids: dict[str, int] = {}
-    codes = torch.tensor([ids.setdefault(normalize_phrase(t), len(ids)) for t in texts], dtype=torch.long)
-    codes = codes.to(device) if device is not None else codes
-    return codes[:, None] == codes[None, :]
+def same_text_mask(ids: torch.Tensor) -> torch.Tensor:
+    """Phrase-text ids ``[M]`` -> ``[M, M]`` bool: ``True`` where two phrases have the same text (diagonal too)."""
+    return ids[:, None] == ids[None, :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,41 +187,62 @@ def info_nce(
     tau: torch.Tensor,
     same_text: torch.Tensor,
     symmetric: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """InfoNCE over ``M`` pairs: ``img``, ``txt`` ``[M, E]`` (L2-normalised), ``tau`` scalar, ``same_text`` ``[M, M]``.
+    """InfoNCE over ``M`` rows: ``img``, ``txt`` ``[M, E]`` (L2-normalised), ``tau`` scalar, ``same_text`` ``[M, M]``,
+    ``valid`` ``[M]`` bool (default: every row is a phrase).
 
-    The positive of row ``i`` is column ``i``; columns ``j != i`` with ``same_text[i, j]`` are removed
-    from the denominator (neither negative nor positive), likewise for the columns in the symmetric
-    (image->text and text->image averaged) form. Fewer than two phrases, or no pair with different
-    texts (then no row has a negative to contrast with), gives an exact 0 that keeps the graph.
+    The positive of row ``i`` is column ``i``; columns ``j != i`` with ``same_text[i, j]``, and padding
+    rows/columns (``~valid``), are removed from the denominator (neither negative nor positive), likewise
+    in the symmetric (image->text and text->image averaged) form. The mean runs over the valid rows.
+    Padding is handled by masks, not by selecting rows, so nothing is read back to the host. Fewer
+    than two phrases, or no pair with different texts, leave every row with only its positive: an
+    exact 0 (``log_softmax`` of a lone logit), with exactly zero gradients, that keeps the graph.
     Float32 scalar.
     """
     m = img.shape[0]
-    if m < 2:
-        log.debug("ROI contrastive loss is 0: %d valid phrase(s) in the batch, need 2", m)
+    if m == 0:  # a static shape, not a value: no sync
         return _zero(img, txt, tau)
     eye = torch.eye(m, dtype=torch.bool, device=img.device)
-    removed = same_text.to(img.device) & ~eye  # the positive is never removed, whatever the caller passed
-    if bool((removed | eye).all()):
-        log.debug("ROI contrastive loss is 0: all %d phrases of the batch have the same text", m)
-        return _zero(img, txt, tau)
+    valid = torch.ones(m, dtype=torch.bool, device=img.device) if valid is None else valid.to(img.device)
+    padding = ~(valid[:, None] & valid[None, :])
+    # Symmetric by construction (so .T serves the other direction); the positive is never removed.
+    removed = (same_text.to(img.device) | padding) & ~eye
     logits = (img.float() @ txt.float().T) / tau.float()  # [M, M], row i: image i against every text
     labels = torch.arange(m, device=img.device)
-    loss = F.cross_entropy(logits.masked_fill(removed, float("-inf")), labels)
+    weight = valid.float()
+    count = weight.sum().clamp_min(1.0)
+
+    def direction(scores: torch.Tensor) -> torch.Tensor:
+        per_row = F.cross_entropy(scores.masked_fill(removed, float("-inf")), labels, reduction="none")
+        return (per_row * weight).sum() / count  # padding rows are finite (their positive) and weigh 0
+
+    loss = direction(logits)
     if symmetric:  # column j: text j against every image
-        loss = 0.5 * (loss + F.cross_entropy(logits.T.masked_fill(removed.T, float("-inf")), labels))
+        loss = 0.5 * (loss + direction(logits.T))
     return loss
 
 
 @dataclass
 class RoiOutput:
-    """Result of :class:`RoiAlignmentHead`: ``loss`` float32 scalar (global batch), ``tau`` detached scalar,
-    ``num_phrases`` phrases in the global batch, ``skipped`` why the loss is 0 (None when it is not)."""
+    """Result of :class:`RoiAlignmentHead`, all device tensors (nothing read back during the step):
+    ``loss`` float32 scalar (global batch), ``tau`` detached scalar, ``num_phrases`` long scalar (phrases
+    in the global batch), ``contrasted`` bool scalar (some pair of phrases has different texts)."""
 
     loss: torch.Tensor
     tau: torch.Tensor
-    num_phrases: int
-    skipped: str | None = None
+    num_phrases: torch.Tensor
+    contrasted: torch.Tensor
+
+    @property
+    def skipped(self) -> str | None:
+        """Why the loss is 0 (None when it is not). Reads values back to the host: for logs and tests."""
+        m = int(self.num_phrases)
+        if m < 2:
+            return f"{m} valid phrase(s) in the batch"
+        if not bool(self.contrasted):
+            return "every phrase of the batch has the same text"
+        return None
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -306,36 +333,33 @@ class RoiAlignmentHead(nn.Module):
         text_hidden: torch.Tensor,
         token_index: torch.Tensor,
         token_valid: torch.Tensor,
-        phrase_texts: list[list[str]],
+        phrase_ids: torch.Tensor,
     ) -> RoiOutput:
         """Loss of one (local) batch: features ``[B, C, h, w]``, boxes ``[B, P, 4]`` (image pixels),
         ``box_valid`` ``[B, P]``, ``image_size`` ``(H, W)``, ``text_hidden`` ``[B, L, D]`` (what the UNet is
-        conditioned on), ``token_index``/``token_valid`` ``[B, P, T]``, ``phrase_texts[b][p]``.
+        conditioned on), ``token_index``/``token_valid`` ``[B, P, T]``, ``phrase_ids`` long ``[B, P]``
+        (:func:`~tokencompose.phrase_ids.phrase_text_ids`, built by ``collate``).
 
-        A phrase takes part when it has a box and at least one token.
+        A phrase takes part when it has a box and at least one token. Every ``(b, p)`` slot is a row
+        (``R = B*P``) and padding is a mask: no step reads a device value back to the host.
         """
         with torch.autocast(device_type=features.device.type, enabled=False):
             valid = box_valid.to(features.device) & token_valid.to(features.device).any(dim=-1)  # [B, P]
             pooled = roi_features(
                 features, boxes, valid, image_size, self.output_size, self.sampling_ratio, aligned=True
-            )
-            img = F.normalize(self.image_proj(pooled), dim=-1)  # [M, E]
+            )  # [B, P, C]
+            img = F.normalize(self.image_proj(pooled.flatten(0, 1)), dim=-1)  # [R, E]
             text = phrase_text_embeddings(text_hidden.to(features.device), token_index, token_valid)  # [B, P, D]
-            txt = F.normalize(self.text_proj(text[valid]), dim=-1)  # [M, E]
-            texts = [phrase_texts[b][p] for b, p in valid.nonzero().tolist()]  # same row-major order as [M]
+            txt = F.normalize(self.text_proj(text.flatten(0, 1)), dim=-1)  # [R, E]
+            ids, rows = phrase_ids.to(features.device).flatten(), valid.flatten()  # [R]
             use_dist = self.distributed if self.distributed is not None else world()[1] > 1
             if use_dist:
-                img, txt, texts = gather_phrases(img, txt, texts)
+                img, txt, ids, rows = gather_phrases(img, txt, ids, rows)
             tau = self.temperature()
-            same = same_text_mask(texts, img.device)
-            loss = info_nce(img, txt, tau, same, self.symmetric)
-        m = len(texts)
-        skipped = None
-        if m < 2:
-            skipped = f"{m} valid phrase(s) in the batch"
-        elif bool(same.all()):
-            skipped = "every phrase of the batch has the same text"
-        return RoiOutput(loss=loss, tau=tau.detach(), num_phrases=m, skipped=skipped)
+            same = same_text_mask(ids)
+            loss = info_nce(img, txt, tau, same, self.symmetric, valid=rows)
+            contrasted = (~same & rows[:, None] & rows[None, :]).any()
+        return RoiOutput(loss=loss, tau=tau.detach(), num_phrases=rows.sum(), contrasted=contrasted)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/roi_head.safetensors`` (weights + constructor config in the metadata)."""

@@ -9,14 +9,19 @@ embeddings of all processes and computes the same global loss. The gather must k
   the ``W`` processes, which gives exactly ``dL/dtheta`` -- the single-process gradient of the
   global batch (tested in ``tests/test_roi_ddp.py``). ``all_reduce`` rather than reduce-scatter
   because gloo (CPU) has no reduce-scatter.
-* :func:`gather_phrases` handles a different number of phrases ``M`` per process: it pads to the
-  largest ``M``, gathers, and drops the padding rows; texts travel with ``all_gather_object``.
+* :func:`gather_phrases` handles a different number of phrase slots ``R`` per process (``P`` is
+  padded per local batch): it pads to the largest ``R`` and gathers; padding stays in as rows marked
+  invalid, so nothing is selected by a device value. Texts travel as int64 ids (no strings, no
+  pickling). The one host exchange is the row counts -- plain Python ints known from tensor
+  shapes -- over a CPU (gloo) group, so no device tensor is read back.
 
 Everything is the identity when ``torch.distributed`` is not initialised or has one process.
 Every process must call these functions the same number of times (they are collectives).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,29 +62,56 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherSumGrad.apply(x)
 
 
-def gather_phrases(
-    img: torch.Tensor, txt: torch.Tensor, texts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Gather every process's phrases: ``img``/``txt`` ``[M, E]`` + ``M`` texts -> ``[N, E]``, ``[N, E]``, ``N`` texts.
+_HOST_GROUPS: dict[int, Any] = {}  # default group -> its CPU companion, created once
 
-    ``M`` may differ per process (0 included). The result is rank-major and, within a rank, in the
-    local order, so it equals the single-process order of the concatenated global batch. When no
-    process has a phrase, the local (empty) inputs come back unchanged on every process.
+
+def _host_group() -> Any:
+    """A process group that takes CPU tensors: the default one when it has gloo, else a gloo companion.
+
+    Created lazily, and collectively: every process reaches the first ROI gather at the same step.
+    """
+    if "gloo" in str(dist.get_backend()):
+        return None  # the default group
+    key = id(dist.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def row_counts(n: int) -> list[int]:
+    """Every process's ``n`` (a host int), rank-major. A host-to-host collective: no device sync."""
+    _, size = world()
+    mine = torch.tensor([n], dtype=torch.long)
+    parts = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine, group=_host_group())
+    return [int(x) for x in parts]
+
+
+def gather_phrases(
+    img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather every process's phrase rows: ``img``/``txt`` ``[R, E]``, ``ids`` long ``[R]``, ``valid`` bool ``[R]``
+    -> ``[W*R_max, E]`` x2, ``[W*R_max]`` x2.
+
+    ``R`` may differ per process (0 included); each process's rows are padded to the largest ``R``
+    with invalid rows. The result is rank-major and, within a rank, in the local order, so its valid
+    rows are in the single-process order of the concatenated global batch. The embeddings keep their
+    gradients (:func:`gather_with_grad`); ids and validity are plain gathers. When no process has a
+    row, the local (empty) inputs come back unchanged on every process.
     """
     _, size = world()
     if size == 1:
-        return img, txt, list(texts)
-    per_rank: list[list[str] | None] = [None] * size
-    dist.all_gather_object(per_rank, list(texts))
-    counts = [len(t) for t in per_rank]  # type: ignore[arg-type]
-    m_max = max(counts)
-    if m_max == 0:  # decided identically on every process, so no collective is left unmatched
-        return img, txt, []
-    e = img.shape[1]
+        return img, txt, ids, valid
+    r, e = img.shape
+    r_max = max(row_counts(r))
+    if r_max == 0:  # decided identically on every process, so no collective is left unmatched
+        return img, txt, ids, valid
     both = torch.cat([img, txt], dim=1)  # one collective for both sides
-    pad = both.new_zeros(m_max - both.shape[0], 2 * e)
-    gathered = gather_with_grad(torch.cat([both, pad], dim=0))  # [W * m_max, 2E]
-    keep = torch.cat([torch.arange(c, device=both.device) + r * m_max for r, c in enumerate(counts)])
-    gathered = gathered.index_select(0, keep)
-    flat = [t for group in per_rank for t in group]  # type: ignore[union-attr]
-    return gathered[:, :e], gathered[:, e:], flat
+    both = torch.cat([both, both.new_zeros(r_max - r, 2 * e)], dim=0)
+    gathered = gather_with_grad(both)  # [W * r_max, 2E]
+    meta = torch.stack([ids.long(), valid.long()], dim=1)  # [R, 2]: one collective for both
+    meta = torch.cat([meta, meta.new_zeros(r_max - r, 2)], dim=0)  # padding: invalid
+    parts = [torch.empty_like(meta) for _ in range(size)]
+    dist.all_gather(parts, meta.contiguous())
+    meta = torch.cat(parts, dim=0)
+    return gathered[:, :e], gathered[:, e:], meta[:, 0], meta[:, 1].bool()

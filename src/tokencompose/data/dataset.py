@@ -28,6 +28,7 @@ from tokencompose.data import records as R
 from tokencompose.data.official import image_drop_reason, load_mask, open_image, same_aspect
 from tokencompose.errors import UserError
 from tokencompose.masks import Size, attention_sizes, masks_at_resolutions
+from tokencompose.phrase_ids import phrase_text_ids
 from tokencompose.tokens import phrase_token_positions
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Keys: ``pixel_values`` float ``[B, 3, S, S]`` in [-1, 1] or ``latent_mean``/``latent_std`` float
     ``[B, 4, S/8, S/8]``; ``input_ids`` long ``[B, 77]``; ``token_index`` long / ``token_valid`` bool
     ``[B, P, T]``; ``masks`` ``{(h, w): bool [B, P, h*w]}``; ``boxes`` float ``[B, P, 4]`` and
-    ``box_valid`` bool ``[B, P]``; ``captions``; ``phrases`` (kept, aligned with ``P``); ``index`` long
-    ``[B]``; ``dropped`` list of reason strings for the whole batch.
+    ``box_valid`` bool ``[B, P]``; ``captions``; ``phrases`` (kept, aligned with ``P``); ``phrase_ids`` long
+    ``[B, P]``, a stable hash of each phrase's normalised text (padding 0), so the ROI loss compares texts
+    on the device, across processes, without strings; ``index`` long ``[B]``; ``dropped`` list of reason
+    strings for the whole batch.
     """
     from tokencompose.tokens import pad_token_positions
 
@@ -356,6 +359,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch["boxes"], batch["box_valid"] = boxes, box_valid
     batch["captions"] = [s["caption"] for s in samples]
     batch["phrases"] = [list(s["phrases"]) for s in samples]
+    batch["phrase_ids"] = phrase_text_ids(batch["phrases"], p)
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
     batch["dropped"] = [r for s in samples for r in s.get("dropped", [])]
     return batch

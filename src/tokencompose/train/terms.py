@@ -50,10 +50,11 @@ class RoiTerm(LossTerm):
             ctx.cond["encoder_hidden_states"],
             b["token_index"],
             b["token_valid"],
-            b["phrases"],
+            b["phrase_ids"],
         )
-        # logged as roi_tau / roi_phrases: the temperature and how many phrases the InfoNCE saw
-        self._last = {"tau": torch.as_tensor(out.tau).detach(), "phrases": torch.as_tensor(float(out.num_phrases))}
+        # logged as roi_tau / roi_phrases: the temperature and how many phrases the InfoNCE saw (device
+        # tensors: the metrics accumulate them without a host read per step)
+        self._last = {"tau": out.tau.detach(), "phrases": out.num_phrases.detach().float()}
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:

@@ -1,10 +1,49 @@
 """TokenCompose's objective, batched: denoising, token-level and pixel-level grounding losses.
 
-Paper (Wang et al., CVPR 2024, Sec. 3): ``L = L_denoise + lambda * L_token + gamma * L_pixel``.
-The grounding terms here reproduce the authors' ``get_grounding_loss_by_layer`` exactly (checked
-against reference values computed by their code), but for a whole batch at once: per-sample values
-``[B]``, no Python loop over samples, phrases or tokens. All grounding math runs in float32 with
-autocast disabled, whatever the model's precision.
+Paper <-> code (TokenCompose, Wang et al., CVPR 2024, Sec. 3). Every term is per sample ``[B]``,
+float32; the trainer averages the total over the batch.
+
+==========  ===========================================  ==============================================
+term        paper (Sec. 3)                               code
+==========  ===========================================  ==============================================
+L_denoise   ``L_LDM``: the latent-diffusion MSE          :func:`denoise_loss`; the target from
+                                                         ``train.step.prediction_target``
+L_token     the token-level attention loss               :func:`_token_term` (one layer) ->
+                                                         :func:`token_loss_at` (one resolution) ->
+                                                         :func:`grounding_losses` (``.token``)
+L_pixel     the pixel-level attention loss: BCE of a     ``maps.head_layer_mean`` +
+            phrase's attention map against its mask      ``maps.sum_phrase_tokens`` (the phrase map) ->
+                                                         :func:`pixel_loss_at` (one resolution) ->
+                                                         :func:`grounding_losses` (``.pixel``)
+L           ``L_LDM + lambda*L_token + gamma*L_pixel``,  ``train.step.training_step``, weights
+            lambda = 1e-3, gamma = 5e-5                  ``loss.token_weight`` / ``loss.pixel_weight``
+==========  ===========================================  ==============================================
+
+The formulas, with their reduction order (innermost first). ``A_{l,h}[u, t]``: cross-attention
+probability of query position ``u`` (``N = h*w`` of them) for text token ``t``, head ``h``, supervised
+layer ``l``; phrase ``i`` has token set ``T_i`` and binary mask ``M_i`` at the layer's resolution;
+``mean_i`` runs over the phrases with at least one valid token; ``sum_res`` over attention resolutions,
+``l in res`` over one resolution's layers.
+
+* ``L_denoise = mean_{c,u} (pred - target)^2``; target: the noise, v or x0, by the scheduler's
+  ``prediction_type``.
+* ``a_h(t) = sum_u A_{l,h}[u,t] M_i[u] / sum_u A_{l,h}[u,t]`` (0 where the column sums to 0), and
+  ``L_token = sum_res mean_i sum_{l in res} mean_{t in T_i} (1 - mean_h a_h(t))^2``: squared *after*
+  the head mean, mean over the phrase's tokens, **summed** (not averaged) over the resolution's layers,
+  mean over phrases, summed over resolutions.
+* ``S_i[u] = sum_{t in T_i} mean_{l in res} mean_h A_{l,h}[u,t]`` (heads averaged first, then layers as
+  ``sum_l / n_l``, then the phrase's tokens summed: :mod:`tokencompose.maps`, the map the grounding
+  metric and the figures read too), and
+  ``L_pixel = sum_res mean_i mean_u -[M_i log S_i + (1 - M_i) log(1 - S_i)]`` with each log clamped at
+  -100 (torch's ``BCELoss``): mean over pixels, mean over phrases, summed over resolutions.
+
+Exactness: the grounding terms reproduce the authors' ``get_grounding_loss_by_layer`` (reference values
+computed by their code, ``tests/test_parity_official.py``), for a whole batch at once: no Python loop over
+samples, phrases or tokens. All grounding math runs in float32 with autocast disabled, whatever the
+model's precision. Guards that change nothing where the paper's code gives a finite value: a column
+summing to 0 has share ``a_h = 0``; ``S_i`` is clamped into ``[0, 1]`` (a sum of probabilities can round a
+hair above 1, where torch's BCE raises); a non-finite map gives NaN, not an exception (:func:`_bce`). A
+sample without a valid phrase has grounding losses of exactly 0.
 
 Inputs shared by the grounding losses:
     maps:  ``{(h, w): [A_1, A_2, ...]}`` cross-attention probabilities of one resolution's layers,

@@ -136,10 +136,10 @@ def test_masks_one_png_per_sample_with_scores(models, shapes, tmp_path):
 
 
 def test_grid_same_seeds_across_models(models, tmp_path, tiny):
-    from tokencompose.visualize.capture import generate_images
+    from tokencompose.visualize.capture import seed_images
 
-    a = generate_images(tiny, "a red circle", [0, 1], steps=2, device="cpu")
-    b = generate_images(tiny, "a red circle", [1], steps=2, device="cpu")
+    a = seed_images(tiny, "a red circle", [0, 1], steps=2, device="cpu")
+    b = seed_images(tiny, "a red circle", [1], steps=2, device="cpu")
     # Per-image seeds: the same noise whatever the batch (kernels may round differently per batch size).
     assert np.abs(a[1].astype(int) - b[0].astype(int)).max() <= 2
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 5

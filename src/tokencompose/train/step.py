@@ -144,7 +144,7 @@ class StepOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def sample_latents(vae: Any, batch: dict[str, Any], noise: NoiseSource, device: torch.device) -> torch.Tensor:
+def batch_latents(vae: Any, batch: dict[str, Any], noise: NoiseSource, device: torch.device) -> torch.Tensor:
     """``z = (mean + std * eps) * scaling_factor`` from the VAE posterior (cached or encoded): ``[B, 4, h, w]``."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
@@ -192,7 +192,7 @@ def training_step(
     on the unwrapped UNet, required when ``weights.grounding`` and otherwise ignored.
     """
     device = batch["input_ids"].device
-    latents = sample_latents(vae, batch, noise, device)
+    latents = batch_latents(vae, batch, noise, device)
     b = latents.shape[0]
     t = noise.timesteps(b, scheduler.config.num_train_timesteps, device)
     eps = noise.randn(tuple(latents.shape), device)

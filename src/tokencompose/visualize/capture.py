@@ -6,7 +6,8 @@ Three entry points, all deterministic for given seeds:
   after every denoising step whose timestep lies in a range (the conditional half of the CFG batch);
 - :func:`image_attention`: an existing image + caption, noised to fixed noise levels with a fixed seed,
   one UNet forward each (what the mask comparisons use, so every model sees the same noisy latents);
-- :func:`generate_images`: plain generation for grids.
+- :func:`seed_images`: plain generation for grids, one image per seed (the MultiGen folder writer is
+  :func:`tokencompose.evaluation.generation.generate_images`).
 
 Shapes: ``B`` batch, ``L`` text tokens; per-resolution maps are ``{(h, w): [B, L, h, w]}``.
 """
@@ -98,7 +99,7 @@ def generate_with_attention(
 
 
 @torch.no_grad()
-def generate_images(
+def seed_images(
     comps: Any,
     prompt: str,
     seeds: Sequence[int],

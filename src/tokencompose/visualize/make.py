@@ -232,7 +232,7 @@ def model_grid(
         pipe = capture.sampling_pipeline(comps).to(device)
         rows = []
         for prompt in prompts:
-            rows.extend(capture.generate_images(comps, prompt, seeds, steps, guidance, size, device, pipe=pipe))
+            rows.extend(capture.seed_images(comps, prompt, seeds, steps, guidance, size, device, pipe=pipe))
         images[label] = rows
         del comps, pipe
         _free()

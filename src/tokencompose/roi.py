@@ -5,9 +5,9 @@ UNet decoder features inside its box (ROI-Align, then a mean over the output gri
 the text side ``T_i`` averages the frozen text encoder's hidden states over the phrase's token span
 and projects them. Both are L2-normalised, and
 
-    L = mean_i  -log( exp(I_i.T_i / tau) / sum_{j in N(i)} exp(I_i.T_j / tau) )
+    L = mean_i  -log( exp(I_i.T_i / tau) / sum_{j in J(i)} exp(I_i.T_j / tau) )
 
-where ``N(i)`` is ``i`` plus every phrase of the (global, under DDP) batch whose normalised text
+where ``J(i)`` is ``i`` plus every phrase of the (global, under DDP) batch whose normalised text
 differs from ``i``'s: a phrase with the same text elsewhere in the batch is neither a negative nor a
 positive, it is removed from the denominator. ``tau`` is learnable (``log tau`` parameter). The
 symmetric form averages this with the text->image direction.
@@ -119,9 +119,9 @@ def roi_features(
     """ROI-Align pooled features of every box slot: ``[B, C, h, w]``, ``[B, P, 4]``, ``[B, P]`` -> ``[B, P, C]``.
 
     Boxes are ``(x0, y0, x1, y1)`` in continuous image pixels (pixel ``k`` spans ``[k, k+1)``, so a
-    mask's box has an exclusive max) of an image of ``image_size = (H, W)``. They are scaled to
-    feature cells per axis (``x * w/W``, ``y * h/H``) before ``roi_align`` with ``spatial_scale=1``:
-    the same as ``spatial_scale = h/H`` when the aspect ratios match, and still right when they do not.
+    mask's box has an exclusive max) of an image of ``image_size = (height, width)``. They are scaled to
+    feature cells per axis (``x * w/width``, ``y * h/height``) before ``roi_align`` with ``spatial_scale=1``:
+    the same as ``spatial_scale = h/height`` when the aspect ratios match, and still right when they do not.
     ``aligned=True`` puts cell centres at half-integers, which is what the pixel convention above needs.
     Each box gives an ``output_size x output_size`` grid (``sampling_ratio`` bilinear samples per bin
     side), averaged to one ``C`` vector. Float32.
@@ -336,7 +336,7 @@ class RoiAlignmentHead(nn.Module):
         phrase_ids: torch.Tensor,
     ) -> RoiOutput:
         """Loss of one (local) batch: features ``[B, C, h, w]``, boxes ``[B, P, 4]`` (image pixels),
-        ``box_valid`` ``[B, P]``, ``image_size`` ``(H, W)``, ``text_hidden`` ``[B, L, D]`` (what the UNet is
+        ``box_valid`` ``[B, P]``, ``image_size`` ``(height, width)``, ``text_hidden`` ``[B, L, D]`` (what the UNet is
         conditioned on), ``token_index``/``token_valid`` ``[B, P, T]``, ``phrase_ids`` long ``[B, P]``
         (:func:`~tokencompose.phrase_ids.phrase_text_ids`, built by ``collate``).
 

@@ -35,7 +35,7 @@ def world() -> tuple[int, int]:
 
 
 class _GatherSumGrad(torch.autograd.Function):
-    """``[N, ...]`` per process -> ``[W * N, ...]`` (rank-major); backward: sum over processes, keep own slice."""
+    """``[R, ...]`` per process -> ``[W * R, ...]`` (rank-major); backward: sum over processes, keep own slice."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ class _GatherSumGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` ``[N, ...]`` (same ``N`` on every process) into ``[W * N, ...]``, differentiable.
+    """All-gather ``x`` ``[R, ...]`` (same ``R`` on every process) into ``[W * R, ...]``, differentiable.
 
     The identity when not distributed.
     """

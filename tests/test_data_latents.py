@@ -111,3 +111,24 @@ def test_cli_prepare_latents(data, tmp_path, tok):
     argv = ["prepare", "latents", "--model", str(tmp_path / "model"), "--data", str(data)]
     assert main([*argv, "--resolution", "32", "--out", str(tmp_path / "lc")]) == 0
     LatentCache(tmp_path / "lc").check(image_size=32, vae=tiny_vae(), records=data)
+
+
+def test_progress_bar_counts_images_and_stays_off_a_terminal(data, tmp_path, monkeypatch, capsys):
+    import io
+
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            # drawn (into a buffer) so that it counts; the arguments are what the code asked for
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append((kwargs, self))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    build_latent_cache(tiny_vae(), data, tmp_path / "c", 32, batch_size=2)
+    [(kwargs, bar)] = bars
+    assert kwargs["desc"] == "prepare latents" and kwargs["disable"] is None  # None: a bar on a terminal only
+    assert (bar.total, bar.n) == (5, 5)
+    assert "prepare latents" not in capsys.readouterr().err  # pytest's stderr is no terminal

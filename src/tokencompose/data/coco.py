@@ -204,7 +204,10 @@ def prepare_coco(
     image_ids = sorted(captions)[:limit] if limit else sorted(captions)
 
     def rows():
-        for image_id in image_ids:
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal only (no bar in logs, CI and tests)
+        for image_id in tqdm(image_ids, desc="prepare coco", unit="image", disable=None):
             info = coco.loadImgs(image_id)[0]
             image_path = images_dir / info["file_name"]
             if not image_path.is_file():

@@ -93,6 +93,8 @@ def build_latent_cache(
     redone, anything else (another cache, a foreign folder) is refused. ``meta.json``, which
     :class:`LatentCache` needs, is written last and atomically.
     """
+    from tqdm.auto import tqdm
+
     from tokencompose.data.dataset import JsonlIndex, load_image
     from tokencompose.data.outputs import claim_output_dir, mark_complete
 
@@ -110,28 +112,31 @@ def build_latent_cache(
     mean_mm = std_mm = None
     ok = np.zeros(n, dtype=bool)
     sizes = np.zeros((n, 2), dtype=np.int32)
-    for start in range(0, n, batch_size):
-        pixels, rows = [], []
-        for i in range(start, min(start + batch_size, n)):
-            try:
-                px, sizes[i] = load_image(images[i], image_size)
-            except (OSError, ValueError) as err:
-                log.warning("latent cache: cannot read %s (%s): row marked missing", images[i], err)
-                continue
-            pixels.append(px)
-            rows.append(i)
-        if not rows:
-            continue
-        with torch.no_grad():
-            dist = vae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).latent_dist
-        mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
-        if mean_mm is None:
-            shape = (n, *mean.shape[1:])
-            mean_mm = np.lib.format.open_memmap(out / "mean.npy", mode="w+", dtype=np.float16, shape=shape)
-            std_mm = np.lib.format.open_memmap(out / "std.npy", mode="w+", dtype=np.float16, shape=shape)
-        mean_mm[rows] = mean.astype(np.float16)
-        std_mm[rows] = std.astype(np.float16)
-        ok[rows] = True
+    # disable=None: a bar on a terminal only (no bar in logs, CI and tests)
+    with tqdm(total=n, desc="prepare latents", unit="image", disable=None) as bar:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            pixels, rows = [], []
+            for i in range(start, stop):
+                try:
+                    px, sizes[i] = load_image(images[i], image_size)
+                except (OSError, ValueError) as err:
+                    log.warning("latent cache: cannot read %s (%s): row marked missing", images[i], err)
+                    continue
+                pixels.append(px)
+                rows.append(i)
+            if rows:
+                with torch.no_grad():
+                    dist = vae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).latent_dist
+                mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+                if mean_mm is None:
+                    shape = (n, *mean.shape[1:])
+                    mean_mm = np.lib.format.open_memmap(out / "mean.npy", mode="w+", dtype=np.float16, shape=shape)
+                    std_mm = np.lib.format.open_memmap(out / "std.npy", mode="w+", dtype=np.float16, shape=shape)
+                mean_mm[rows] = mean.astype(np.float16)
+                std_mm[rows] = std.astype(np.float16)
+                ok[rows] = True
+            bar.update(stop - start)
     if mean_mm is None:
         raise UserError(f"latent cache: none of the {n} images of the record list could be read; check their paths")
     mean_mm.flush()

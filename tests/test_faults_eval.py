@@ -193,7 +193,7 @@ def test_bad_scheduler_lists_the_valid_names(model_dir: Path, tmp_path: Path, ca
     argv = ["generate", "--model", str(model_dir), "--out", str(tmp_path), "--prompt", "a cat", *GEN]
     assert main([*argv, "--scheduler", "pndmm"]) == 2
     err = _error(capsys)
-    assert "unknown scheduler 'pndmm'" in err and "euler-ancestral" in err and "ddim" in err
+    assert "generation.scheduler" in err and "'pndmm'" in err and "euler-ancestral" in err and "ddim" in err
 
 
 def test_looks_like_path() -> None:

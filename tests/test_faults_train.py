@@ -352,7 +352,7 @@ def test_loss_layers_naming_no_layer_is_refused_before_the_model_loads(assets, t
         ("train:\n  max_steps: 3\n  seed: 0\n  max_steps: 30\n", "train.max_steps", 4),
     ],
 )
-def test_duplicate_yaml_keys_are_a_config_error(tmp_path, caplog, text, key, line):
+def test_duplicate_yaml_keys_are_a_config_error(tmp_path, capsys, text, key, line):
     from tokencompose.cli import main
     from tokencompose.config import ConfigError, load_config
 
@@ -361,11 +361,11 @@ def test_duplicate_yaml_keys_are_a_config_error(tmp_path, caplog, text, key, lin
     with pytest.raises(ConfigError, match=rf"{path}, line {line}: key '{key}' appears twice"):
         load_config(path)
     assert main(["train", str(path)]) == 2
-    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert f"'{key}' appears twice" in err and str(path) in err and len(err.splitlines()) == 1
 
 
-def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, caplog):
+def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, capsys):
     from tokencompose.cli import main
     from tokencompose.config import ConfigError, load_config
 
@@ -374,5 +374,5 @@ def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, caplog):
     with pytest.raises(ConfigError, match=rf"{path}, line \d+: not valid YAML"):
         load_config(path)
     assert main(["train", str(path)]) == 2
-    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert str(path) in err and "line 4" in err and len(err.splitlines()) == 1

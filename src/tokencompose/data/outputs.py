@@ -13,44 +13,21 @@ with :func:`claim_output_dir`, which writes the marker :data:`MARKER` (``{"comma
   (:class:`~tokencompose.errors.UserError` naming the folder and what to do).
 
 Files the consumer reads (``metadata.jsonl``, the marker) are written to a temporary sibling, flushed
-to disk and renamed (:func:`atomic_writer`), so a reader sees the whole file or none.
+to disk and renamed (:func:`tokencompose.atomic.atomic_writer`), so a reader sees the whole file or none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from tokencompose.atomic import atomic_write_text, atomic_writer  # noqa: F401  (part of this module's API)
 from tokencompose.errors import UserError
 
 MARKER = ".tokencompose_output.json"
 IN_PROGRESS, COMPLETE = "in_progress", "complete"
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path``; on success fsync it and rename it onto ``path``, else remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as f:
-        f.write(text)
 
 
 def _canonical(settings: Mapping[str, Any]) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from tokencompose.atomic import atomic_write_bytes
 from tokencompose.evaluation.prompts import Prompt
 from tokencompose.evaluation.provenance import (
     check_folder_record,
@@ -95,12 +95,7 @@ def save_png_atomic(image: Any, path: Path, record: dict[str, Any] | None = None
     """
     buf = io.BytesIO()
     image.save(buf, format="PNG", **({"pnginfo": png_info(record)} if record else {}))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def pending_jobs(

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tokencompose.atomic import write_json_atomic  # noqa: F401  (re-exported)
 from tokencompose.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,6 @@ def device_description(device: Any = None) -> str:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 RESULT_KINDS = ("multigen", "grounding")

@@ -90,7 +90,7 @@ def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple
 
 def _atomic_save(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary sibling, fsynced and renamed onto ``path`` (a kill leaves the old file)."""
-    from tokencompose.data.outputs import atomic_writer
+    from tokencompose.atomic import atomic_writer
 
     with atomic_writer(path, "wb") as f:
         torch.save(state, f)

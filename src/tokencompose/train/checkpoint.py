@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from tokencompose.atomic import fsync_path, fsync_tree  # noqa: F401  (re-exported)
 from tokencompose.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,29 +133,6 @@ def restore_weights(model: Any, lora: bool, folder: Path) -> None:
         load_lora_state(model, folder)
     else:
         model.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entry to disk (folders: where POSIX allows opening them)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (IsADirectoryError, PermissionError):  # Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot sync a folder
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` (before it is renamed into place)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fsync_path(Path(root) / name)
-        fsync_path(Path(root))
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:

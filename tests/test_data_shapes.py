@@ -148,7 +148,7 @@ def test_label_components():
 def test_cli_prepare_shapes(tmp_path):
     from tokencompose.cli import main
 
-    assert main(["prepare", "shapes", "--out", str(tmp_path), "--num", "5", "--seed", "2", "--size", "64"]) == 0
+    assert main(["prepare", "shapes", "--out", str(tmp_path), "--num", "5", "--seed", "2", "--resolution", "64"]) == 0
     recs = read_jsonl(tmp_path / "metadata.jsonl")
     assert len(recs) == 5 and all(r.phrases and all(p.box for p in r.phrases) for r in recs)
     assert Image.open(recs[0].image).size == (64, 64)

@@ -39,7 +39,7 @@ def test_train_with_mistyped_data_path_refuses_to_render_into_a_foreign_folder(t
 def test_prepare_shapes_reuses_its_own_render_and_refuses_others(tmp_path, capsys):
     from tokencompose.cli import main
 
-    shapes = ["prepare", "shapes", "--num", "3", "--size", "32"]
+    shapes = ["prepare", "shapes", "--num", "3", "--resolution", "32"]
     assert main([*shapes, "--out", str(_foreign_folder(tmp_path / "foreign"))]) == 2
     assert "foreign" in capsys.readouterr().err
     out = tmp_path / "world"

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=1000, help="number of scenes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--colors", default=None, help="comma-separated subset of the palette")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             args.num,
             seed=args.seed,
-            size=args.size,
+            size=args.resolution,
             min_objects=args.min_objects,
             max_objects=args.max_objects,
             colors=args.colors.split(",") if args.colors else None,

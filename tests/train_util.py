@@ -34,7 +34,7 @@ def make_data(root: Path, num: int = 8) -> Path:
 
 
 def config_dict(base: Path, data: Path, run_dir: Path) -> dict[str, Any]:
-    """A few fast steps: batch 2, 64 px, log every step, no progress bar."""
+    """A few fast steps: batch 2, 64 px, log every step, no progress bar, no checkpoint samples."""
     return {
         "run_dir": str(run_dir),
         "model": {"path": str(base)},
@@ -42,7 +42,7 @@ def config_dict(base: Path, data: Path, run_dir: Path) -> dict[str, Any]:
         "loss": {"token_weight": 1e-3, "pixel_weight": 5e-5, "layers": ["mid", "up"]},
         "optim": {"lr": 1e-4, "warmup_steps": 0},
         "train": {"batch_size": 2, "grad_accum": 1, "max_steps": 3, "seed": 0},
-        "log": {"every": 1, "progress": False, "tensorboard": True, "curves": True},
+        "log": {"every": 1, "progress": False, "tensorboard": True, "curves": True, "samples": 0},
         "checkpoint": {"every": 2, "keep_last": 2},
     }
 

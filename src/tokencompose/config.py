@@ -181,7 +181,17 @@ class LogConfig:
     every: int = 10
     """Optimizer steps between log rows (the only host syncs of the loop)."""
     tensorboard: bool = True
-    """Write TensorBoard scalars under ``RUN_DIR/tensorboard``."""
+    """Log to TensorBoard under ``RUN_DIR/tensorboard`` (Accelerate's tracker): scalars, config, samples."""
+    trackers: list[str] = field(default_factory=list)
+    """Further Accelerate trackers, each installed: ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ...
+    (TensorBoard is ``log.tensorboard``)."""
+    project: str = "tokencompose"
+    """Project (wandb, Comet, Aim) or experiment (MLflow) the runs of ``log.trackers`` go to."""
+    samples: int = 4
+    """Images drawn at every checkpoint and logged as one grid: the first distinct training captions,
+    fixed seeds, no grid when 0 or when no tracker is on."""
+    sample_steps: int = 8
+    """Denoising steps (DDIM) of the checkpoint samples."""
     progress: bool = True
     """Show a tqdm progress bar."""
     curves: bool = True
@@ -241,6 +251,11 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("log.every", lambda v: v >= 1, "must be >= 1"),
     ("log.smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("log.trackers", lambda v: len(set(v)) == len(v), "must not repeat a tracker"),
+    ("log.trackers", lambda v: "tensorboard" not in v, "must not name tensorboard (that is log.tensorboard)"),
+    ("log.project", lambda v: bool(v), "must not be empty"),
+    ("log.samples", lambda v: v >= 0, "must be >= 0 (0 = no sample grid)"),
+    ("log.sample_steps", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
 ]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,11 +28,21 @@ from tokencompose.train.checkpoint import (
     latest_checkpoint,
     restore_weights,
 )
-from tokencompose.train.data import batch_stream, build_loader, drop_metrics, report_drops, to_device
+from tokencompose.train.data import EpochBatchSampler, batch_stream, build_loader, drop_metrics, report_drops, to_device
 from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
 from tokencompose.train.resume import RunLock, check_run_dir
-from tokencompose.train.runinfo import write_config, write_manifest
+from tokencompose.train.runinfo import announce_run
 from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
+from tokencompose.train.tracking import SampleGrid, check_trackers, log_row, sample_grid, start_trackers
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from tokencompose.attention import AttentionCapture
+    from tokencompose.data.dataset import TokenDataset
+    from tokencompose.data.records import DropCounter
+    from tokencompose.models import Components
+    from tokencompose.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -47,50 +56,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last log row
 
 
-def _announce(
-    cfg: Config, accelerator: Any, precision: str, global_batch: int, trainable: int, resumed: Path | None, step: int
-) -> None:
-    """Write config.yaml and manifest.json, warn about config changes since the last start, log the plan."""
-    run_dir = Path(cfg.run_dir)
-    for change in write_config(run_dir, cfg):
-        log.warning("config differs from the run's previous config: %s", change)
-    info = {
-        "device": str(accelerator.device),
-        "precision": {"requested": cfg.train.precision, "used": precision},
-        "num_processes": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type),
-        "effective_batch": global_batch,
-        "trainable_parameters": trainable,
-        "resumed_from": str(resumed) if resumed else None,
-        "resumed_step": step,
-    }
-    write_manifest(run_dir, cfg, info)
-    log.info(
-        "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
-        "LoRA adapters" if cfg.train.lora.rank > 0 else "the full UNet",
-        cfg.model.path,
-        cfg.train.max_steps,
-        global_batch,
-        cfg.train.batch_size,
-        cfg.train.grad_accum,
-        accelerator.num_processes,
-        precision,
-        accelerator.device,
-    )
-
-
-def _seed_everything(cfg: Config) -> None:
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-
-
 def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     """Train (or resume, when ``cfg.run_dir`` holds checkpoints) and return where the result is.
 
@@ -100,6 +65,8 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     from accelerate import PartialState
 
     validate(cfg)
+    setup.check_launcher_precision(cfg.train.precision)
+    check_trackers(cfg.log.trackers)
     setup.check_layers(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
@@ -122,6 +89,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     accelerator = Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=list(cfg.log.trackers) or None,  # TensorBoard joins in start_trackers (its own folder)
         project_dir=str(run_dir),
         cpu=cpu,
     )
@@ -135,7 +103,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         run_dir.mkdir(parents=True, exist_ok=True)
         setup.ensure_shapes_data(cfg)
     accelerator.wait_for_everyone()
-    _seed_everything(cfg)
+    setup.seed_everything(cfg)
 
     # --- models, data, optimizer -----------------------------------------------------------------
     comps = setup.load_models(cfg)
@@ -195,10 +163,12 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         log.info("resumed from %s at step %d", resumed, state.step)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     if main:
-        _announce(cfg, accelerator, precision, global_batch, sum(p.numel() for p in trainable), resumed, state.step)
+        announce_run(cfg, accelerator, precision, global_batch, sum(p.numel() for p in trainable), resumed, state.step)
+    samples = sample_grid(accelerator, cfg, accelerator.unwrap_model(unet), comps, dataset)
+    start_trackers(accelerator, cfg, state.step, samples.prompts if samples else ())
 
     weights = LossWeights(cfg.loss.token_weight, cfg.loss.pixel_weight)
-    writer = MetricsWriter(run_dir, cfg.log.tensorboard, state.step) if main else None
+    writer = MetricsWriter(run_dir, state.step) if main else None
     try:
         with contextlib.ExitStack() as stack:
             if cfg.train.compile:  # a checkpointed, captured UNet compiles as one graph
@@ -216,45 +186,59 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
                 )
             for t in specs:
                 stack.enter_context(t.capture(accelerator.unwrap_model(unet)))
-            loop = _Loop(cfg, accelerator, unet, optimizer, trainable, comps, loader, sampler, dataset, state, noise,
-                         ckpt, ema, writer, weights, capture, terms)  # fmt: skip
+            loop = _Loop(
+                cfg=cfg, accelerator=accelerator, unet=unet, optimizer=optimizer, trainable=trainable, comps=comps,
+                loader=loader, sampler=sampler, dataset=dataset, state=state, noise=noise, ckpt=ckpt, ema=ema,
+                writer=writer, samples=samples, weights=weights, capture=capture, terms=terms,
+            )  # fmt: skip
             last = loop.run(global_batch)
-    finally:
-        if writer is not None:
-            writer.close()
+    except BaseException:
+        # Close the local event file; remote trackers (wandb, MLflow) record the failure at exit themselves.
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.finish()
+        raise
     final = latest_checkpoint(run_dir / "checkpoints")
     if main and cfg.log.curves and (run_dir / "metrics.jsonl").exists():
         from tokencompose.train.curves import plot_loss_curves
 
         plot_loss_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png", cfg.log.smoothing)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # finishes the trackers
     return TrainResult(run_dir, final, state.step, state.nan_skips, last)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
     """Everything the step loop touches (built by :func:`train`)."""
 
     cfg: Config
-    accelerator: Any
-    unet: Any
-    optimizer: Any
+    accelerator: Accelerator
+    unet: torch.nn.Module  # prepared: DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer  # prepared (Accelerate's AcceleratedOptimizer)
     trainable: list[torch.nn.Parameter]
-    comps: Any
-    loader: Any
-    sampler: Any
-    dataset: Any
+    comps: Components
+    loader: torch.utils.data.DataLoader
+    sampler: EpochBatchSampler
+    dataset: TokenDataset
     state: TrainState
     noise: NoiseSource
     ckpt: Checkpointer
-    ema: Any = None
-    writer: MetricsWriter | None = None
+    ema: EMA | None = None
+    writer: MetricsWriter | None = None  # main process only
+    samples: SampleGrid | None = None  # main process only
     weights: LossWeights = field(default_factory=LossWeights)
-    capture: Any = None
-    terms: tuple[LossTerm, ...] = ()
+    capture: AttentionCapture | None = None
+    terms: tuple[LossTerm, ...] = ()  # those with parameters DDP-wrapped when distributed
+    sums: RunningSums = field(init=False, default_factory=RunningSums)
+    conditioner: SDConditioner = field(init=False)
 
-    def optimizer_step(self, stream: Any, drops: Any, epoch: int) -> tuple[StepOutput, torch.Tensor | None, int]:
+    def __post_init__(self) -> None:
+        self.conditioner = SDConditioner(self.comps.text_encoder)
+
+    def optimizer_step(
+        self, stream: Iterator[tuple[int, dict[str, Any]]], drops: DropCounter, epoch: int
+    ) -> tuple[StepOutput, torch.Tensor | None, int]:
         """Accumulate ``grad_accum`` micro-batches, clip, and step unless non-finite; returns the last output."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
@@ -312,8 +296,6 @@ class _Loop:
         from tokencompose.data.records import DropCounter
 
         cfg, state, writer = self.cfg, self.state, self.writer
-        self.conditioner = SDConditioner(self.comps.text_encoder)
-        self.sums = RunningSums()
         drops = DropCounter(self.dataset.drop_counts())
         stream = batch_stream(self.loader, self.sampler, state.micro)
         epoch = state.micro // self.sampler.batches_per_epoch
@@ -335,12 +317,15 @@ class _Loop:
                 tick, tick_step, last = now, state.step, row
                 if writer is not None:
                     writer.write(state.step, row)
+                    log_row(self.accelerator, state.step, row)
                     loss = row.get("loss/total", float("nan"))
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
             if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.max_steps:
                 path = self.ckpt.save(state.step, {"epoch": epoch, "micro": state.micro, "nan_skips": state.nan_skips})
                 if writer is not None:
                     bar.write(f"checkpoint: {path}")
+                if self.samples is not None:
+                    self.samples.log(state.step)
         bar.close()
         totals = drop_metrics(drops, self.accelerator)  # collective: every process ends at the same step
         if writer is not None:

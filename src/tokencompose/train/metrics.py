@@ -1,4 +1,4 @@
-"""Training metrics: device-side running sums, one host sync per log row, JSONL + TensorBoard writers."""
+"""Training metrics: device-side running sums, one host sync per log row, the metrics.jsonl writer."""
 
 from __future__ import annotations
 
@@ -66,18 +66,11 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Append rows to ``metrics.jsonl`` and TensorBoard scalars (main process only)."""
+    """Append rows to ``metrics.jsonl`` (main process only; the trackers get them through :mod:`.tracking`)."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events a killed run wrote after the checkpoint we resume from.
-            purge = resume_step + 1 if resume_step else None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
         """Keep only rows up to ``step`` (a killed run may have logged past its last checkpoint)."""
@@ -95,14 +88,6 @@ class MetricsWriter:
     def write(self, step: int, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **row}) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k != "epoch":
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokencompose.config import Config, load_config, save_config, to_dict
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy")
 
@@ -77,3 +83,44 @@ def write_config(run_dir: Path, cfg: Config) -> list[str]:
             changes = [f"(previous config.yaml unreadable: {err})"]
     save_config(cfg, path)
     return changes
+
+
+def announce_run(
+    cfg: Config,
+    accelerator: Accelerator,
+    precision: str,
+    global_batch: int,
+    trainable: int,
+    resumed: Path | None,
+    step: int,
+) -> None:
+    """Write config.yaml and manifest.json, warn about config changes since the last start, log the plan.
+
+    Main process only.
+    """
+    run_dir = Path(cfg.run_dir)
+    for change in write_config(run_dir, cfg):
+        log.warning("config differs from the run's previous config: %s", change)
+    info = {
+        "device": str(accelerator.device),
+        "precision": {"requested": cfg.train.precision, "used": precision},
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "effective_batch": global_batch,
+        "trainable_parameters": trainable,
+        "resumed_from": str(resumed) if resumed else None,
+        "resumed_step": step,
+    }
+    write_manifest(run_dir, cfg, info)
+    log.info(
+        "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
+        "LoRA adapters" if cfg.train.lora.rank > 0 else "the full UNet",
+        cfg.model.path,
+        cfg.train.max_steps,
+        global_batch,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        accelerator.num_processes,
+        precision,
+        accelerator.device,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,49 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def check_launcher_precision(requested: str) -> None:
+    """Refuse a mixed precision set by the launcher that differs from ``train.precision``.
+
+    ``accelerate launch --mixed_precision X`` (or an Accelerate config file) exports
+    ``ACCELERATE_MIXED_PRECISION``; the trainer passes ``train.precision`` to Accelerate explicitly, which
+    would silently win. ``no`` is also what ``accelerate launch`` exports when nothing was asked, so it
+    is not a request.
+    """
+    from tokencompose.errors import UserError
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher in ("", "no") or launcher == requested:
+        return
+    accelerate_name = {"fp32": "no"}.get(requested, requested)
+    fix = f"set train.precision={launcher}, or " if launcher in ("fp16", "bf16") else ""
+    raise UserError(
+        f"the launcher asks for mixed precision {launcher} (accelerate launch --mixed_precision or its config "
+        f"file) but train.precision={requested}: {fix}launch with --mixed_precision {accelerate_name}"
+    )
+
+
 def force_cpu() -> bool:
     """Whether Accelerate must be told ``cpu=True``: asked for, or several processes and no GPU.
 
     Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU; a
     ``torchrun --nproc_per_node 2`` on a machine without GPUs would otherwise start 2 independent runs.
     """
-    import os
-
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def seed_everything(cfg: Config) -> None:
+    """Seed every RNG from ``train.seed``; deterministic algorithms and TF32 as configured."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
 
 def weight_dtype(precision: str) -> torch.dtype:

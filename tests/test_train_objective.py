@@ -22,14 +22,14 @@ def assets(tmp_path_factory):
 def test_overfitting_one_batch_lowers_the_total_loss(assets):
     from tokencompose.attention import AttentionCapture
     from tokencompose.data.dataset import TokenDataset, collate
+    from tokencompose.masks import attention_sizes
     from tokencompose.models import tiny_components
-    from tokencompose.train.setup import attention_sizes
 
     _, _, data = assets
     comps = tiny_components(seed=0)
     comps.vae.requires_grad_(False)
     comps.text_encoder.requires_grad_(False)
-    sizes = attention_sizes(comps.unet, comps.vae_scale_factor, 64)
+    sizes = attention_sizes((64, 64), comps.vae_scale_factor, len(comps.unet.config.block_out_channels))
     ds = TokenDataset(str(data), comps.tokenizer, 64, attention_sizes=sizes)
     batch = collate([ds[0], ds[1]])
     weights = LossWeights(token=1e-3, pixel=5e-5)

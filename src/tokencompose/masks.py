@@ -40,7 +40,11 @@ def masks_at_resolutions(masks: torch.Tensor, sizes: Iterable[Size]) -> dict[Siz
     return out
 
 
-def attention_sizes(image_size: Size, factors: Iterable[int] = (8, 16, 32, 64)) -> list[Size]:
-    """Attention map sizes of an SD-style UNet for an image size (VAE /8, then /1, /2, /4, /8)."""
+def attention_sizes(image_size: Size, vae_scale_factor: int = 8, levels: int = 4) -> list[Size]:
+    """Attention map sizes of a UNet for an image size: the latent (image / VAE factor) halved per level.
+
+    SD 1.x/2.x: VAE /8 and 4 levels, so 512 px -> 64, 32, 16, 8. ``levels`` is the UNet's number of
+    blocks (``len(unet.config.block_out_channels)``).
+    """
     h, w = image_size
-    return [(h // f, w // f) for f in factors]
+    return [(h // (vae_scale_factor * 2**i), w // (vae_scale_factor * 2**i)) for i in range(levels)]

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from tokencompose.atomic import write_json_atomic  # noqa: F401  (re-exported)
 from tokencompose.errors import UserError
+from tokencompose.versions import package_versions  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,6 @@ def read_detections(paths: Sequence[str | Path] | str | Path) -> dict[str, dict[
                     log.warning("%s:%d: unreadable line skipped (interrupted write?)", path, n)
                     continue
                 out[row.pop("key")] = row
-    return out
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of what shapes the numbers (and the Python, the platform)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
     return out
 
 

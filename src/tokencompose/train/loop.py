@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokencompose.config import Config, validate
+from tokencompose.masks import attention_sizes
 from tokencompose.train import setup
 from tokencompose.train.checkpoint import (
     Checkpointer,
@@ -111,7 +112,8 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     device = accelerator.device
     params = setup.prepare_models(comps, cfg, device, precision)
     lora = cfg.train.lora.rank > 0
-    sizes = setup.attention_sizes(comps.unet, comps.vae_scale_factor, cfg.data.image_size)
+    image = (cfg.data.image_size, cfg.data.image_size)
+    sizes = attention_sizes(image, comps.vae_scale_factor, len(comps.unet.config.block_out_channels))
     dataset, collate = setup.build_dataset(cfg, comps.tokenizer, sizes)
     loader, sampler = build_loader(
         dataset,

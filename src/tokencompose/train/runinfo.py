@@ -8,28 +8,16 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokencompose.config import Config, load_config, save_config, to_dict
+from tokencompose.versions import package_versions
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
-
-PACKAGES = ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy")
-
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def git_commit() -> dict[str, Any] | None:

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from tokencompose.config import Config, OptimConfig
+from tokencompose.errors import UserError
+from tokencompose.loading import DTYPES
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -28,7 +28,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         log.warning("fp16 training needs a GPU (loss scaling); training on the CPU in fp32 instead")
         return "fp32"
     try:
-        with torch.autocast(device_type=device.type, dtype=_DTYPES[requested]):
+        with torch.autocast(device_type=device.type, dtype=DTYPES[requested]):
             x = torch.ones(2, 2, device=device)
             (x @ x).sum().item()
     except Exception as err:  # RuntimeError on most backends, but some raise other types
@@ -45,7 +45,6 @@ def check_launcher_precision(requested: str) -> None:
     would silently win. ``no`` is also what ``accelerate launch`` exports when nothing was asked, so it
     is not a request.
     """
-    from tokencompose.errors import UserError
 
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launcher in ("", "no") or launcher == requested:
@@ -84,7 +83,7 @@ def seed_everything(cfg: Config) -> None:
 
 def weight_dtype(precision: str) -> torch.dtype:
     """Dtype of the frozen parts (VAE, text encoder): the half type under mixed precision, else fp32."""
-    return _DTYPES.get(precision, torch.float32)
+    return DTYPES[precision]
 
 
 def load_models(cfg: Config) -> Any:
@@ -193,13 +192,6 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr
 
 
-def attention_sizes(unet: Any, vae_scale_factor: int, image_size: int) -> list[tuple[int, int]]:
-    """Spatial sizes of the UNet's attention maps: the latent size halved at every level below the first."""
-    side = image_size // vae_scale_factor
-    levels = len(unet.config.block_out_channels)
-    return [(side // 2**i, side // 2**i) for i in range(levels)]
-
-
 def ensure_shapes_data(cfg: Config) -> None:
     """Render the shapes world to ``data.path`` when it is missing and ``data.shapes.num > 0``."""
     path = Path(cfg.data.path)
@@ -209,8 +201,11 @@ def ensure_shapes_data(cfg: Config) -> None:
 
     log.info("rendering %d shapes-world images to %s", cfg.data.shapes.num, path.parent)
     make_shapes_dataset(path.parent, num=cfg.data.shapes.num, seed=cfg.data.shapes.seed, size=cfg.data.image_size)
-    if not path.exists():
-        raise FileNotFoundError(f"the shapes world was rendered to {path.parent} but {path.name} is not there")
+    if not path.exists():  # rendered (or reused) into path.parent, but not under the name asked for
+        raise UserError(
+            f"data.path {path} does not exist; the shapes world is in {path.parent}/metadata.jsonl "
+            "(data.path must name that file)"
+        )
 
 
 def check_latent_cache(cfg: Config, vae: Any) -> None:

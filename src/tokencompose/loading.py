@@ -195,3 +195,12 @@ def load_pipeline(settings: ModelSettings, scheduler: str = "default", safety_ch
 def default_image_size(comps: Any) -> int:
     """The model's native image size in pixels: UNet sample size times the VAE factor (512 for SD 1.x)."""
     return int(comps.unet.config.sample_size) * comps.vae_scale_factor
+
+
+def release_memory() -> None:
+    """Give a model's memory back before the next one loads (the caller has dropped its references)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

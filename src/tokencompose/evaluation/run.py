@@ -10,7 +10,6 @@ process takes a disjoint shard of the (prompt, image) pairs; process 0 scores on
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from tokencompose.evaluation.settings import (
     MultiGenSettings,
     ShardSettings,
 )
-from tokencompose.loading import DTYPES, load_model, load_pipeline, resolve_device
+from tokencompose.loading import DTYPES, load_model, load_pipeline, release_memory, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +93,6 @@ def progress_bar(desc: str, unit: str) -> Any:
     return on_batch
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _generate(
     model: ModelSettings, prompts: list[Prompt], generation: Any, run: ShardSettings, folder: Path, shard: Shard
 ) -> GenerationReport:
@@ -129,7 +122,7 @@ def _generate(
     if report.nsfw:
         log.warning("safety checker blacked out %d images: %s", len(report.nsfw), report.nsfw[:10])
     del pipe
-    _free()
+    release_memory()
     return report
 
 

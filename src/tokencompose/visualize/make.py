@@ -6,7 +6,6 @@ report reads to place each figure in its section. Kinds: ``attention``, ``masks`
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokencompose.loading import ModelSettings, default_image_size, load_model
+from tokencompose.loading import ModelSettings, default_image_size, load_model, release_memory
 from tokencompose.tokens import input_ids
 from tokencompose.visualize import aggregate as agg
 from tokencompose.visualize import capture
@@ -134,13 +133,6 @@ def attention_from_image(
     return file
 
 
-def _free() -> None:
-    """Release a model's memory before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def mask_comparisons(
     data: str | Path,
     models: Sequence[tuple[str, ModelSettings]],
@@ -189,7 +181,7 @@ def mask_comparisons(
         scores[label] = agg.mass_in_mask(pm, masks)
         per_model[label] = agg.normalize(pm)
         comps = first = None
-        _free()
+        release_memory()
     files = []
     for b, i in enumerate(idx):
         phrases = batch["phrases"][b]
@@ -235,7 +227,7 @@ def model_grid(
             rows.extend(capture.seed_images(comps, prompt, seeds, steps, guidance, size, device, pipe=pipe))
         images[label] = rows
         del comps, pipe
-        _free()
+        release_memory()
     captions = [f"{p} (seed {s})" for p in prompts for s in seeds]
     fig = grid_figure(images, captions)
     file = save_png(fig, out / f"{name}.png", dpi)

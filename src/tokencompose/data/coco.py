@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.data.official import save_mask
+from tokencompose.data.outputs import claim_output_dir, count_lines, mark_complete
 from tokencompose.data.records import Phrase, Record, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,6 @@ def prepare_coco(
     anything else is refused. ``metadata.jsonl`` appears (atomically) only after every mask.
     """
     from pycocotools.coco import COCO
-
-    from tokencompose.data.outputs import claim_output_dir, count_lines, mark_complete
 
     settings = {
         "captions": str(Path(captions_json).resolve()),

@@ -12,9 +12,7 @@ Batch (``B`` samples, ``P`` phrases, ``T`` tokens per phrase, ``N = h*w``): see 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,71 +23,15 @@ import torch
 from PIL import Image
 
 from tokencompose.data import records as R
-from tokencompose.data.official import image_drop_reason, load_mask, open_image, same_aspect
+from tokencompose.data.latents import LatentCache
+from tokencompose.data.official import crop_geometry, image_drop_reason, load_image, load_mask, same_aspect
+from tokencompose.data.records import JsonlIndex
 from tokencompose.errors import UserError
 from tokencompose.masks import Size, attention_sizes, masks_at_resolutions
 from tokencompose.phrase_ids import phrase_text_ids
-from tokencompose.tokens import phrase_token_positions
+from tokencompose.tokens import pad_token_positions, phrase_token_positions
 
 log = logging.getLogger(__name__)
-
-
-class JsonlIndex:
-    """Byte offsets of the valid rows of a jsonl file; rows are parsed on access (lazy, flat memory)."""
-
-    def __init__(self, path: str | Path, root: str | Path | None = None) -> None:
-        self.path = str(path)
-        self.root = Path(root) if root is not None else Path(path).resolve().parent
-        self.errors: list[tuple[int, str]] = []
-        offsets = []
-        for lineno, offset, raw in R.iter_jsonl_lines(self.path):
-            try:  # validate once here so a bad line is reported with its number, not in a worker later
-                R.parse_row(json.loads(raw), None)
-                offsets.append(offset)
-            except (ValueError, UnicodeDecodeError) as err:
-                log.warning("%s:%d: malformed line skipped: %s", self.path, lineno, err)
-                self.errors.append((lineno, str(err)))
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self._fh = None
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, i: int) -> R.Record:
-        if self._fh is None or self._pid != os.getpid():  # one handle per (worker) process
-            self._fh = open(self.path, "rb")  # noqa: SIM115 -- kept open for the life of the process
-            self._pid = os.getpid()
-        self._fh.seek(int(self.offsets[i]))
-        return R.parse_row(json.loads(self._fh.readline()), self.root)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_fh"], state["_pid"] = None, -1
-        return state
-
-
-def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int, float, float]:
-    """Resize-shorter-side + center-crop as torchvision: ``(new_w, new_h, left, top, sx, sy)``."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    return new_w, new_h, left, top, new_w / width, new_h / height
-
-
-def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image file -> (float ``[3, S, S]`` in [-1, 1] after resize-shorter-side + center crop, original (W, H)).
-
-    Raises ``OSError`` / ``ValueError`` for a file that cannot be used (see :func:`open_image`).
-    """
-    with open_image(path) as im:
-        image = im.convert("RGB")
-    width, height = image.size
-    new_w, new_h, left, top, _, _ = crop_geometry(width, height, size)
-    image = image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return pixels, (width, height)
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -128,8 +70,6 @@ class TokenDataset(torch.utils.data.Dataset):
         self.attention_sizes = [tuple(s) for s in (attention_sizes or _default_sizes(self.image_size))]
         self.flip = bool(flip)
         if latent_cache is not None:
-            from tokencompose.data.latents import LatentCache
-
             if not isinstance(latent_cache, LatentCache):
                 latent_cache = LatentCache(latent_cache)
             if flip:
@@ -332,8 +272,6 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     on the device, across processes, without strings; ``index`` long ``[B]``; ``dropped`` list of reason
     strings for the whole batch.
     """
-    from tokencompose.tokens import pad_token_positions
-
     b = len(samples)
     token_index, token_valid = pad_token_positions([s["positions"] for s in samples])
     p = token_index.shape[1]

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from tokencompose.data import records as R
-from tokencompose.data.outputs import atomic_write_text
+from tokencompose.data.official import load_image
+from tokencompose.data.outputs import IN_PROGRESS, atomic_write_text, claim_output_dir, mark_complete, read_marker
+from tokencompose.data.records import JsonlIndex
 from tokencompose.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,6 @@ def records_fingerprint(images: Sequence[str]) -> str:
 
 def _image_list(source: Any) -> list[str]:
     if isinstance(source, str | Path):
-        from tokencompose.data.dataset import JsonlIndex
-
         source = JsonlIndex(source)
     return [source[i].image for i in range(len(source))]
 
@@ -94,9 +94,6 @@ def build_latent_cache(
     :class:`LatentCache` needs, is written last and atomically.
     """
     from tqdm.auto import tqdm
-
-    from tokencompose.data.dataset import JsonlIndex, load_image
-    from tokencompose.data.outputs import claim_output_dir, mark_complete
 
     source = JsonlIndex(records) if isinstance(records, str | Path) else list(records)
     images = [source[i].image for i in range(len(source))]
@@ -190,8 +187,6 @@ def _adopt_legacy_cache(out: Path, settings: dict[str, Any]) -> None:
 
     Those versions wrote ``meta.json`` after the arrays, so a matching ``meta.json`` means a finished build.
     """
-    from tokencompose.data.outputs import mark_complete, read_marker
-
     if not out.is_dir() or read_marker(out) is not None or not _files_present(out):
         return
     try:
@@ -210,8 +205,6 @@ class LatentCache:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            from tokencompose.data.outputs import IN_PROGRESS, read_marker
-
             if (read_marker(self.path) or {}).get("state") == IN_PROGRESS:
                 raise FileNotFoundError(
                     f"{self.path} is an incomplete latent cache (its build was interrupted); "

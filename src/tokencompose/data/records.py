@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tokencompose.atomic import atomic_writer
+
 log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
@@ -210,8 +214,6 @@ def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:
     Atomic: rows go to a temporary sibling renamed onto ``path`` at the end, so an interrupted write
     (the records are often rendered on the fly) never leaves a short file that looks complete.
     """
-    from tokencompose.data.outputs import atomic_writer
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
@@ -259,3 +261,38 @@ class DropCounter:
         line = f"{prefix}: {body}"
         (logger or log).info(line)
         return line
+
+
+class JsonlIndex:
+    """Byte offsets of the valid rows of a jsonl file; rows are parsed on access (lazy, flat memory)."""
+
+    def __init__(self, path: str | Path, root: str | Path | None = None) -> None:
+        self.path = str(path)
+        self.root = Path(root) if root is not None else Path(path).resolve().parent
+        self.errors: list[tuple[int, str]] = []
+        offsets = []
+        for lineno, offset, raw in iter_jsonl_lines(self.path):
+            try:  # validate once here so a bad line is reported with its number, not in a worker later
+                parse_row(json.loads(raw), None)
+                offsets.append(offset)
+            except (ValueError, UnicodeDecodeError) as err:
+                log.warning("%s:%d: malformed line skipped: %s", self.path, lineno, err)
+                self.errors.append((lineno, str(err)))
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._fh = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> Record:
+        if self._fh is None or self._pid != os.getpid():  # one handle per (worker) process
+            self._fh = open(self.path, "rb")  # noqa: SIM115 -- kept open for the life of the process
+            self._pid = os.getpid()
+        self._fh.seek(int(self.offsets[i]))
+        return parse_row(json.loads(self._fh.readline()), self.root)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fh"], state["_pid"] = None, -1
+        return state

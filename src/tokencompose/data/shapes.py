@@ -8,7 +8,8 @@ Placement limits keep scenes readable for the detector: every object keeps at le
 never touch (they would merge into one colour region). Scene ``i`` of seed ``s`` depends on
 ``(s, i)`` only, so any subset can be re-rendered. Written in Source A's format (+ ``boxes``).
 
-The exact detector :func:`detect_shapes` lives in :mod:`tokencompose.data.shapes_detect`.
+The exact detector :func:`detect_shapes` lives in :mod:`tokencompose.data.shapes_detect`, with the palette,
+the shape names and :func:`shape_mask` it shares with the renderer (all re-exported here).
 """
 
 from __future__ import annotations
@@ -20,18 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-# Colours far apart in RGB (hues 60 degrees apart, high saturation) so that blur or a small model's
-# colour drift still lands nearest the right one; the background is a neutral light gray.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 40),
-    "blue": (30, 60, 220),
-    "yellow": (240, 210, 20),
-    "purple": (160, 40, 200),
-    "cyan": (20, 190, 210),
-}
-# Shapes told apart by coarse geometry that survives blur at 64 px (fill of the box, corners, centroid).
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+from tokencompose.captions import multigen_text
+from tokencompose.data.official import save_mask
+from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete, read_marker
+from tokencompose.data.records import Phrase, Record, write_jsonl
+from tokencompose.data.shapes_detect import COLORS, SHAPES, detect_shapes, label_components, shape_mask
+
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 
 TEMPLATES: tuple[str, ...] = ("multigen", "plain", "there_is", "image_of")
@@ -55,24 +50,6 @@ class ShapeObject:
     @property
     def category(self) -> str:
         return f"{self.color} {self.shape}"
-
-
-def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
-    """Exact (aliased) bool ``[H, W]`` mask of a shape inscribed in a ``size``-sided square at ``(cx, cy)``."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
-    dx, dy, r = x - cx, y - cy, size / 2.0
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        h = 0.85 * r  # a bit smaller than the box so its area is comparable with the circle's
-        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    if shape == "triangle":  # apex up, base at the bottom of the box
-        t = (dy + r) / (2 * r)  # 0 at the apex, 1 at the base
-        return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
-    if shape == "cross":
-        a = r / 3.0  # arm half-width: arms are a third of the box wide
-        return ((np.abs(dx) <= a) & (np.abs(dy) <= r)) | ((np.abs(dy) <= a) & (np.abs(dx) <= r))
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def render_scene(
@@ -127,8 +104,6 @@ def sample_scene(
     tries: int = 60,
 ) -> list[ShapeObject]:
     """Random objects of distinct categories within the placement limits (see module docstring)."""
-    from tokencompose.data.shapes_detect import label_components
-
     cats = [(c, s) for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
     k = int(rng.integers(min_objects, max_objects + 1))
     k = min(k, len(cats))
@@ -144,7 +119,7 @@ def sample_scene(
                     cx, cy = (float(rng.uniform(half, size - half)) for _ in range(2))
                     m = shape_mask(shape, cx, cy, side, size, size)
                     cand_objects, cand_full = [*objects, ShapeObject(color, shape, cx, cy, side)], [*full, m]
-                    if _valid(cand_objects, cand_full, max_occlusion, label_components):
+                    if _valid(cand_objects, cand_full, max_occlusion):
                         objects, full = cand_objects, cand_full
                         break
                 else:
@@ -155,7 +130,7 @@ def sample_scene(
     raise RuntimeError("could not place a single object; check min_scale/max_scale")
 
 
-def _valid(objects: list[ShapeObject], full: list[np.ndarray], max_occlusion: float, label_components) -> bool:
+def _valid(objects: list[ShapeObject], full: list[np.ndarray], max_occlusion: float) -> bool:
     """Placement limits: visible fraction, one visible piece, no touching objects of the same colour."""
     later = np.zeros_like(full[0])
     visible = [None] * len(full)
@@ -175,8 +150,6 @@ def _valid(objects: list[ShapeObject], full: list[np.ndarray], max_occlusion: fl
 
 def multigen_caption(categories: Sequence[str]) -> str:
     """MultiGen's prompt: ``"a photo of a A, a B, and a C."`` (``"a photo of a A and a B."`` for two)."""
-    from tokencompose.captions import multigen_text
-
     return multigen_text(categories)
 
 
@@ -231,10 +204,6 @@ def make_shapes_dataset(
     """
     from PIL import Image
 
-    from tokencompose.data.official import save_mask
-    from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete
-    from tokencompose.data.records import Phrase, Record, write_jsonl
-
     out = Path(out)
     palette = {c: COLORS[c] for c in (colors or list(COLORS))}
     kw = dict(
@@ -285,8 +254,6 @@ def _adopt_legacy_render(out: Path, meta: dict) -> None:
     Those versions wrote ``shapes.json`` after the whole ``metadata.jsonl``: matching settings plus
     the full row count mean the render finished.
     """
-    from tokencompose.data.outputs import count_lines, mark_complete, read_marker
-
     if not out.is_dir() or read_marker(out) is not None:
         return
     try:
@@ -296,8 +263,6 @@ def _adopt_legacy_render(out: Path, meta: dict) -> None:
     if old == json.loads(json.dumps(meta)) and count_lines(out / "metadata.jsonl") == meta["num"]:
         mark_complete(out, SHAPES_COMMAND, meta, rows=meta["num"])
 
-
-from tokencompose.data.shapes_detect import detect_shapes, label_components  # noqa: E402  (re-export)
 
 __all__ = [
     "BACKGROUND",

@@ -1,5 +1,8 @@
 """Exact detector for shapes-world images: which ``"<colour> <shape>"`` categories are visibly present.
 
+Also home of what the detector and the renderer (:mod:`tokencompose.data.shapes`) share: the palette
+:data:`COLORS`, the shape names :data:`SHAPES` and the exact :func:`shape_mask`.
+
 Works on clean renders (precision and recall 1.0, tested) and stays meaningful on blurry, imperfect
 images from a small diffusion model:
 
@@ -22,8 +25,39 @@ from typing import Any
 
 import numpy as np
 
+# Colours far apart in RGB (hues 60 degrees apart, high saturation) so that blur or a small model's
+# colour drift still lands nearest the right one (the background, ``shapes.BACKGROUND``, is a neutral gray).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "purple": (160, 40, 200),
+    "cyan": (20, 190, 210),
+}
+# Shapes told apart by coarse geometry that survives blur at 64 px (fill of the box, corners, centroid).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+
 SIGMA = 0.18  # shape-feature distance at which the shape score falls to exp(-1/2)
 SATURATION_MIN = 60  # max(R,G,B) - min(R,G,B) below this: background
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
+    """Exact (aliased) bool ``[H, W]`` mask of a shape inscribed in a ``size``-sided square at ``(cx, cy)``."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+    dx, dy, r = x - cx, y - cy, size / 2.0
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        h = 0.85 * r  # a bit smaller than the box so its area is comparable with the circle's
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "triangle":  # apex up, base at the bottom of the box
+        t = (dy + r) / (2 * r)  # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+    if shape == "cross":
+        a = r / 3.0  # arm half-width: arms are a third of the box wide
+        return ((np.abs(dx) <= a) & (np.abs(dy) <= r)) | ((np.abs(dy) <= a) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -113,8 +147,6 @@ def shape_features(mask: np.ndarray, unknown: np.ndarray | None = None) -> np.nd
 @lru_cache(maxsize=8)
 def _prototypes(shapes: tuple[str, ...]) -> np.ndarray:
     """Mean features of exact renders of each shape over sizes and sub-pixel offsets -> ``[len(shapes), 5]``."""
-    from tokencompose.data.shapes import shape_mask
-
     protos = []
     for shape in shapes:
         feats = [  # measured after the same opening the detector applies
@@ -159,8 +191,6 @@ def detect_shapes(
     with ``return_regions`` also the regions ``[{category, score, box (x0, y0, x1, y1), area}]``.
     ``min_pixels`` (visibility threshold) defaults to 0.3% of the image, at least 8 pixels.
     """
-    from tokencompose.data.shapes import COLORS, SHAPES
-
     palette = colors or COLORS
     shape_names = tuple(shapes or SHAPES)
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)

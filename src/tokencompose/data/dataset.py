@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from tokencompose.data import records as R
+from tokencompose.data.images import crop_geometry, load_image
 from tokencompose.data.latents import LatentCache
-from tokencompose.data.official import crop_geometry, image_drop_reason, load_image, load_mask, same_aspect
+from tokencompose.data.official import image_drop_reason, load_mask, same_aspect
 from tokencompose.data.records import JsonlIndex
 from tokencompose.errors import UserError
 from tokencompose.masks import Size, attention_sizes, masks_at_resolutions

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tokencompose.data import records as R
-from tokencompose.data.official import load_image
+from tokencompose.data.images import load_image
 from tokencompose.data.outputs import IN_PROGRESS, atomic_write_text, claim_output_dir, mark_complete, read_marker
 from tokencompose.data.records import JsonlIndex
 from tokencompose.errors import UserError

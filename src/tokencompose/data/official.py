@@ -16,11 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tokencompose.data import records as R
-from tokencompose.tokens import phrase_token_positions
 
 # Largest image (or mask) we decode: 8192^2 pixels (a 64-MPixel RGB image is 192 MiB decoded). Below
 # PIL's own guard (~89 MPixel warns, twice that raises), so a decompression bomb is a counted drop.
@@ -105,6 +103,9 @@ def validate(jsonl: str | Path, root: str | Path | None = None, tokenizer=None, 
     Returns counts by reason (the same reason strings as training uses) plus ``rows`` and ``phrases``;
     see :func:`defects` for the ones that mean a broken input.
     """
+    # lazy: tokens imports torch; official (so shapes, coco and the numpy-only scoring core) stays torch-free
+    from tokencompose.tokens import phrase_token_positions
+
     errors: list[tuple[int, str]] = []
     records = R.read_jsonl(jsonl, root=root, errors=errors)
     counts: Counter = Counter({R.MALFORMED_LINE: len(errors)} if errors else {})
@@ -152,26 +153,3 @@ def defects(counts: Counter) -> dict[str, int]:
     """The counts of :func:`validate` that are broken inputs (records or masks/boxes training drops)."""
     skip = R.INFORMATIONAL | {"rows", "phrases"}
     return {k: v for k, v in sorted(counts.items()) if v and k not in skip}
-
-
-def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int, float, float]:
-    """Resize-shorter-side + center-crop as torchvision: ``(new_w, new_h, left, top, sx, sy)``."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    return new_w, new_h, left, top, new_w / width, new_h / height
-
-
-def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image file -> (float ``[3, S, S]`` in [-1, 1] after resize-shorter-side + center crop, original (W, H)).
-
-    Raises ``OSError`` / ``ValueError`` for a file that cannot be used (see :func:`open_image`).
-    """
-    with open_image(path) as im:
-        image = im.convert("RGB")
-    width, height = image.size
-    new_w, new_h, left, top, _, _ = crop_geometry(width, height, size)
-    image = image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return pixels, (width, height)

@@ -110,14 +110,14 @@ def test_cross_field_checks():
 
 
 def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, capsys):
-    import tokencompose.models as models
     from tokencompose.cli import main
+    from tokencompose.train import setup  # binds the model loaders at import: patch them where they are called
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr(models, "load_components", boom)
-    monkeypatch.setattr(models, "tiny_components", boom)
+    monkeypatch.setattr(setup, "load_components", boom)
+    monkeypatch.setattr(setup, "tiny_components", boom)
     heavy_before = "tokencompose.train.loop" in sys.modules
     assert main(["train", "shapes_tiny", "train.nan_policy=ignore"]) == 2
     assert "train.nan_policy" in capsys.readouterr().err

@@ -36,6 +36,8 @@ import torch
 
 from tokencompose.atomic import fsync_path, fsync_tree  # noqa: F401  (re-exported)
 from tokencompose.errors import UserError
+from tokencompose.train import resume
+from tokencompose.train.lora import load_lora_state, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,6 @@ def export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Pa
     """Diffusers-format weights into ``folder`` (called on every process; the main one writes)."""
     from safetensors.torch import save_file
 
-    from tokencompose.train.lora import save_lora
-
     model = accelerator.unwrap_model(unet)
     state = accelerator.get_state_dict(unet)  # gathers sharded (FSDP / ZeRO-3) weights; collective
     if not accelerator.is_main_process:
@@ -126,8 +126,6 @@ def export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Pa
 def restore_weights(model: Any, lora: bool, folder: Path) -> None:
     """Load what :func:`export_weights` wrote back into the (unwrapped) UNet, bit for bit."""
     from safetensors.torch import load_file
-
-    from tokencompose.train.lora import load_lora_state
 
     if lora:
         load_lora_state(model, folder)
@@ -224,8 +222,6 @@ class Checkpointer:
         return final
 
     def _write(self, tmp: Path, step: int, info: dict[str, Any]) -> None:
-        from tokencompose.train import resume
-
         acc = self.accelerator
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -263,8 +259,6 @@ class Checkpointer:
 
     def load(self, path: str | Path) -> None:
         """Restore the full training state from checkpoint ``path`` (raises when any part is unreadable)."""
-        from tokencompose.train import resume
-
         path = Path(path)
         acc = self.accelerator
         with resume.weights_only_loads():  # no file of a run folder may run code when read

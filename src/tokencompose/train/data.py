@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tokencompose.data import records as R
+from tokencompose.data.outputs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,6 @@ def drop_metrics(drops: R.DropCounter, accelerator: Any) -> dict[str, int]:
 
 def report_drops(drops: R.DropCounter, epoch: int, totals: dict[str, int], run_dir: str | Path) -> None:
     """End of training: log the last (possibly partial) epoch's drops and the run's, and write ``data_drops.json``."""
-    from tokencompose.data.outputs import atomic_write_text
-
     drops.report(log, prefix=f"epoch {epoch} data drops (up to the last step)")
     by_reason = {k.removeprefix(DROP_METRIC): v for k, v in sorted(totals.items())}
     body = ", ".join(f"{k}={v}" for k, v in by_reason.items()) or "none"

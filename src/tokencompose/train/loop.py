@@ -18,8 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokencompose.attention import AttentionCapture, no_store_replay_under_checkpoint
 from tokencompose.config import Config, validate
+from tokencompose.data.dataset import TokenDataset
+from tokencompose.data.records import DropCounter
+from tokencompose.losses import column_subset
 from tokencompose.masks import attention_sizes
+from tokencompose.models import Components
 from tokencompose.train import setup
 from tokencompose.train.checkpoint import (
     Checkpointer,
@@ -29,21 +34,19 @@ from tokencompose.train.checkpoint import (
     latest_checkpoint,
     restore_weights,
 )
+from tokencompose.train.curves import plot_loss_curves
 from tokencompose.train.data import EpochBatchSampler, batch_stream, build_loader, drop_metrics, report_drops, to_device
+from tokencompose.train.ema import EMA
 from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
 from tokencompose.train.resume import RunLock, check_run_dir
 from tokencompose.train.runinfo import announce_run
 from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
+from tokencompose.train.terms import build_terms
 from tokencompose.train.tracking import SampleGrid, check_trackers, log_row, sample_grid, start_trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from tokencompose.attention import AttentionCapture
-    from tokencompose.data.dataset import TokenDataset
-    from tokencompose.data.records import DropCounter
-    from tokencompose.models import Components
-    from tokencompose.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,6 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         accelerator.process_index,
         pin_memory=device.type == "cuda",
     )
-    from tokencompose.train.terms import build_terms
 
     configured = build_terms(cfg, comps.unet, comps.text_encoder)
     specs = tuple(t.to(device) for t in [*configured, *extra_terms] if t.weight != 0)  # weight 0: not in the step
@@ -142,8 +144,6 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
 
     ema = None
     if cfg.train.ema.enabled:
-        from tokencompose.train.ema import EMA
-
         ema = EMA(accelerator.unwrap_model(unet), cfg.train.ema.decay)
     noise = NoiseSource(cfg.train.seed, device, accelerator.num_processes, accelerator.process_index)
     state = TrainState(noise, cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes)
@@ -174,13 +174,9 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     try:
         with contextlib.ExitStack() as stack:
             if cfg.train.compile:  # a checkpointed, captured UNet compiles as one graph
-                from tokencompose.attention import no_store_replay_under_checkpoint
-
                 stack.enter_context(no_store_replay_under_checkpoint())
             capture = None
             if weights.grounding:  # lambda = gamma = 0: no capturing processor at all
-                from tokencompose.attention import AttentionCapture
-
                 capture = stack.enter_context(
                     AttentionCapture(
                         accelerator.unwrap_model(unet), cfg.loss.layers, sdpa_output=cfg.loss.capture_sdpa_output
@@ -202,8 +198,6 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         raise
     final = latest_checkpoint(run_dir / "checkpoints")
     if main and cfg.log.curves and (run_dir / "metrics.jsonl").exists():
-        from tokencompose.train.curves import plot_loss_curves
-
         plot_loss_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png", cfg.log.smoothing)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # finishes the trackers
@@ -256,8 +250,6 @@ class _Loop:
                 epoch = batch_epoch
             drops.update(batch)
             if cfg.loss.capture_columns and self.capture is not None:
-                from tokencompose.losses import column_subset
-
                 batch["token_columns"], batch["token_index_in_columns"] = column_subset(
                     batch["token_index"], batch["token_valid"]
                 )
@@ -294,8 +286,6 @@ class _Loop:
     def run(self, global_batch: int) -> dict[str, float]:
         """Steps until ``train.max_steps``; logs and checkpoints on schedule; returns the last log row."""
         from tqdm.auto import tqdm
-
-        from tokencompose.data.records import DropCounter
 
         cfg, state, writer = self.cfg, self.state, self.writer
         drops = DropCounter(self.dataset.drop_counts())

@@ -9,9 +9,15 @@ from typing import Any
 
 import torch
 
-from tokencompose.config import Config, OptimConfig
+from tokencompose.attention import select_layers
+from tokencompose.config import Config, ConfigError, OptimConfig
+from tokencompose.data.dataset import TokenDataset, collate
+from tokencompose.data.latents import LatentCache
+from tokencompose.data.shapes import make_shapes_dataset
 from tokencompose.errors import UserError
 from tokencompose.loading import DTYPES
+from tokencompose.models import load_components, tiny_components, tiny_unet_config
+from tokencompose.train.lora import add_lora
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,6 @@ def weight_dtype(precision: str) -> torch.dtype:
 
 def load_models(cfg: Config) -> Any:
     """Components for ``cfg.model`` (``tiny`` = tiny random-init SD seeded by ``train.seed``)."""
-    from tokencompose.models import load_components, tiny_components
-
     if cfg.model.path == "tiny":
         comps = tiny_components(
             seed=cfg.train.seed, image_size=cfg.data.image_size, prediction_type=cfg.model.prediction_type or "epsilon"
@@ -115,14 +119,9 @@ def check_layers(cfg: Config) -> None:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from tokencompose.attention import select_layers
-    from tokencompose.config import ConfigError
-
     path = Path(cfg.model.path).expanduser()
     try:
         if cfg.model.path == "tiny":
-            from tokencompose.models import tiny_unet_config
-
             config = tiny_unet_config()
         elif (path / "unet" / "config.json").is_file():
             config = json.loads((path / "unet" / "config.json").read_text())
@@ -145,8 +144,6 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
     Returns the trainable UNet parameters (all of them, or the LoRA adapters). The UNet's own weights
     stay fp32: autocast computes in half precision, the optimizer updates fp32 master weights.
     """
-    from tokencompose.train.lora import add_lora
-
     dtype = weight_dtype(precision)
     for frozen in (comps.vae, comps.text_encoder):
         frozen.requires_grad_(False)
@@ -197,7 +194,6 @@ def ensure_shapes_data(cfg: Config) -> None:
     path = Path(cfg.data.path)
     if path.exists() or cfg.data.shapes.num <= 0:
         return
-    from tokencompose.data.shapes import make_shapes_dataset
 
     log.info("rendering %d shapes-world images to %s", cfg.data.shapes.num, path.parent)
     make_shapes_dataset(path.parent, num=cfg.data.shapes.num, seed=cfg.data.shapes.seed, size=cfg.data.image_size)
@@ -212,15 +208,12 @@ def check_latent_cache(cfg: Config, vae: Any) -> None:
     """Refuse a latent cache built from another VAE, resolution or record list (before the VAE is cast)."""
     if not cfg.data.latent_cache:
         return
-    from tokencompose.data.latents import LatentCache
 
     LatentCache(cfg.data.latent_cache).check(image_size=cfg.data.image_size, vae=vae, records=cfg.data.path)
 
 
 def build_dataset(cfg: Config, tokenizer: Any, sizes: list[tuple[int, int]]) -> tuple[Any, Any]:
     """``(TokenDataset, collate)`` for ``cfg.data``."""
-    from tokencompose.data.dataset import TokenDataset, collate
-
     path = Path(cfg.data.path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path: no training list at {path}")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tokencompose.config import Config
+from tokencompose.roi import RoiAlignmentHead, decoder_feature_hook
 from tokencompose.train.step import LossTerm, StepContext
 
 
@@ -33,8 +34,6 @@ class RoiTerm(LossTerm):
         self._last: dict[str, torch.Tensor] = {}
 
     def capture(self, unet: torch.nn.Module) -> AbstractContextManager[Any]:
-        from tokencompose.roi import decoder_feature_hook
-
         self._features = decoder_feature_hook(unet, self.head.block)
         return self._features
 
@@ -74,8 +73,6 @@ def build_terms(cfg: Config, unet: torch.nn.Module, text_encoder: torch.nn.Modul
     """The extra terms whose weight is > 0."""
     terms: list[LossTerm] = []
     if cfg.loss.roi_weight > 0:
-        from tokencompose.roi import RoiAlignmentHead
-
         # Seeded on its own so that turning the term on does not shift any other random stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokencompose.config import Config, ConfigError, dump_yaml, to_dict
+from tokencompose.data.dataset import TokenDataset
+from tokencompose.loading import make_scheduler, pipeline_from_components
+from tokencompose.models import Components
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from PIL.Image import Image
 
-    from tokencompose.data.dataset import TokenDataset
-    from tokencompose.models import Components
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,6 @@ class SampleGrid:
     @torch.no_grad()
     def draw(self) -> list[Image]:
         """The sample images (PIL), one per prompt."""
-        from tokencompose.loading import make_scheduler, pipeline_from_components
-
         processors = dict(self.unet.attn_processors)
         was_training = self.unet.training
         comps = dataclasses.replace(self.comps, unet=self.unet)

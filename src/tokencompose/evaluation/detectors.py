@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from tokencompose.data.shapes_detect import detect_shapes
 from tokencompose.errors import UserError, one_line
 from tokencompose.models import hf_dtype, looks_like_path
 
@@ -219,8 +220,6 @@ class ShapesDetector:
     template = "{category}"
 
     def detect(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict[str, list]]:
-        from tokencompose.data.shapes_detect import detect_shapes
-
         results = []
         for img, q in zip(images, queries, strict=True):
             _, regions = detect_shapes(img, return_regions=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokencompose.attention import AttentionCapture
 from tokencompose.maps import phrase_maps
 
 Size = tuple[int, int]
@@ -124,8 +125,6 @@ def evaluate_grounding(
     device. ``eval_size`` is the size of the batch's masks to score against (default: the largest).
     Returns metrics per timestep and for the map averaged over timesteps (``"mean"``).
     """
-    from tokencompose.attention import AttentionCapture
-
     device, dtype = unet.device, unet.dtype
     scale = getattr(vae.config, "scaling_factor", 0.18215)
     keys = [str(t) for t in timesteps] + ["mean"]

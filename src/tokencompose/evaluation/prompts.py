@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.captions import article, multigen_text  # noqa: F401  (re-exported: part of this module's API)
+from tokencompose.data import shapes
 
 MULTIGEN_FILES = {"coco": "multigen_coco_5_1k.json", "ade20k": "multigen_ade20k_5_1k.json"}
 CATEGORY_FILES = {"coco": "coco80.txt", "ade20k": "ade20k150.txt"}
@@ -84,8 +85,6 @@ def categories(name: str) -> list[str]:
     if name.endswith("_multigen") and name[: -len("_multigen")] in MULTIGEN_FILES:
         return vocabulary(load_prompts(name[: -len("_multigen")]))
     if name == "shapes":
-        from tokencompose.data import shapes
-
         return shapes.categories()
     path = Path(name)
     if path.is_file():
@@ -157,9 +156,7 @@ def resolve_prompts(settings: PromptSettings) -> tuple[list[Prompt], dict[str, A
         cats = categories(settings.categories)
         text_fn = multigen_text
         if settings.categories == "shapes":
-            from tokencompose.data.shapes import multigen_caption
-
-            text_fn = multigen_caption  # the captions the shapes world trains on
+            text_fn = shapes.multigen_caption  # the captions the shapes world trains on
         prompts = sample_prompts(
             cats, settings.num_prompts, settings.num_objects, settings.prompt_seed, text_fn=text_fn
         )

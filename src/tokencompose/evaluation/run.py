@@ -18,10 +18,21 @@ from typing import Any
 
 import torch
 
+from tokencompose.data.dataset import TokenDataset, collate
+from tokencompose.data.shapes import make_shapes_dataset
 from tokencompose.errors import UserError
+from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
 from tokencompose.evaluation.generation import GenerationReport, generate_images
-from tokencompose.evaluation.prompts import Prompt, resolve_prompts, save_prompts
-from tokencompose.evaluation.results import now_iso, package_versions, read_detections, write_json_atomic
+from tokencompose.evaluation.grounding import evaluate_grounding
+from tokencompose.evaluation.multigen import (
+    detect_folder,
+    detection_record,
+    multigen_result,
+    precheck_detections,
+    prompts_digest,
+)
+from tokencompose.evaluation.prompts import Prompt, load_prompts, resolve_prompts, save_prompts
+from tokencompose.evaluation.results import load_result, now_iso, package_versions, read_detections, write_json_atomic
 from tokencompose.evaluation.settings import (
     GenerateSettings,
     GroundingSettings,
@@ -29,7 +40,8 @@ from tokencompose.evaluation.settings import (
     MultiGenSettings,
     ShardSettings,
 )
-from tokencompose.loading import DTYPES, load_model, load_pipeline, release_memory, resolve_device
+from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory, resolve_device
+from tokencompose.typed_data import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +83,6 @@ def model_record(model: ModelSettings) -> dict[str, Any]:
 
 def save_settings(folder: Path, settings: Any) -> None:
     """The command's typed settings beside its output (every field, as plain data)."""
-    from tokencompose.typed_data import to_dict
-
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / SETTINGS_FILE, to_dict(settings))
 
@@ -143,15 +153,6 @@ def run_generate(settings: GenerateSettings) -> GenerationReport:
 
 def run_multigen(settings: MultiGenSettings) -> dict[str, Any]:
     """``tokencompose evaluate multigen``: generate, detect, score; returns (and writes) the results."""
-    from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
-    from tokencompose.evaluation.multigen import (
-        detect_folder,
-        detection_record,
-        multigen_result,
-        precheck_detections,
-        prompts_digest,
-    )
-
     s, d = settings, settings.detector
     out_dir = Path(s.out)
     image_dir = Path(s.images or out_dir / "images")
@@ -205,10 +206,6 @@ def run_multigen(settings: MultiGenSettings) -> dict[str, Any]:
 
 def rescore_multigen(results: str | Path, threshold: float, bootstrap: int = 1000, output: str | None = None) -> dict:
     """Scores of a finished MultiGen run at another threshold, from its stored detections only (no model)."""
-    from tokencompose.evaluation.multigen import multigen_result
-    from tokencompose.evaluation.prompts import load_prompts
-    from tokencompose.evaluation.results import load_result
-
     old = load_result(results)
     folder = Path(results).parent
     prompts = load_prompts(folder / old["prompts"]["saved"])
@@ -229,10 +226,6 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     from diffusers import DDPMScheduler
     from torch.utils.data import DataLoader, Subset
 
-    from tokencompose.data.dataset import TokenDataset, collate
-    from tokencompose.evaluation.grounding import evaluate_grounding
-    from tokencompose.loading import default_image_size
-
     s = settings
     if (s.data is None) == (s.shapes is None):
         raise UserError("evaluate grounding needs exactly one of --data (a metadata.jsonl) or --shapes N")
@@ -245,8 +238,6 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if s.shapes is not None:
-            from tokencompose.data.shapes import make_shapes_dataset
-
             data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size)
             data_info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
         else:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tokencompose.models import clip_tokenizer
+
 
 def save_tiny_owl(path: str | Path, version: int = 2, seed: int = 0, image_size: int = 64) -> Path:
     """A tiny OWLv2 (``version=2``) or OWL-ViT (``version=1``) model + processor in ``path``."""
@@ -23,8 +25,6 @@ def save_tiny_owl(path: str | Path, version: int = 2, seed: int = 0, image_size:
         OwlViTImageProcessor,
         OwlViTProcessor,
     )
-
-    from tokencompose.models import clip_tokenizer
 
     torch.manual_seed(seed)
     common = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)

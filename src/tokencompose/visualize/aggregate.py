@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.maps import head_layer_mean
-from tokencompose.tokens import text_token_ids
+from tokencompose.tokens import phrase_token_positions, text_token_ids
 
 Size = tuple[int, int]
 
@@ -72,8 +72,6 @@ def prompt_words(
 
 def phrase_words(tokenizer: Any, prompt: str, phrases: Sequence[str]) -> list[Word]:
     """Words for chosen phrases of ``prompt`` (first occurrence, the training rule); unknown ones skipped."""
-    from tokencompose.tokens import phrase_token_positions
-
     out = []
     for phrase in phrases:
         pos = phrase_token_positions(tokenizer, prompt, phrase)

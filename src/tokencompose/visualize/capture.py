@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokencompose.loading import default_image_size
+from tokencompose.attention import AttentionCapture
+from tokencompose.loading import default_image_size, make_scheduler, pipeline_from_components
 from tokencompose.visualize.aggregate import Size, TimestepAccumulator
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 
 def sampling_pipeline(comps: Any, scheduler: str = "ddim") -> Any:
     """The one pipeline builder over loaded parts, with a deterministic sampler by default."""
-    from tokencompose.loading import make_scheduler, pipeline_from_components
-
     return pipeline_from_components(comps, make_scheduler(dict(comps.scheduler.config), scheduler))
 
 
@@ -69,8 +68,6 @@ def generate_with_attention(
     Returns ``(image uint8 [S, S, 3], {(h, w): [1, L, h, w]}, timesteps used)``. ``t_range`` is
     inclusive, in the scheduler's timestep units (0..1000 for SD); None keeps every step.
     """
-    from tokencompose.attention import AttentionCapture
-
     size = size or default_image_size(comps)
     pipe = sampling_pipeline(comps, scheduler).to(device)
     cfg = guidance > 1.0  # diffusers runs the [uncond; cond] batch only then
@@ -148,8 +145,6 @@ def image_attention(
     for every model, so models are compared on identical inputs). Returns ``{(h, w): [B, L, h, w]}``
     averaged over the noise levels.
     """
-    from tokencompose.attention import AttentionCapture
-
     unet, vae, text_encoder = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
     dtype = next(unet.parameters()).dtype
     px = pixel_values.to(device, vae.dtype)

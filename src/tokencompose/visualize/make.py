@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencompose.data.dataset import TokenDataset, collate
+from tokencompose.data.images import load_image
 from tokencompose.loading import ModelSettings, default_image_size, load_model, release_memory
 from tokencompose.tokens import input_ids
+from tokencompose.train.curves import plot_loss_curves
+from tokencompose.train.metrics import read_metrics
 from tokencompose.visualize import aggregate as agg
 from tokencompose.visualize import capture
+from tokencompose.visualize.figures import attention_figure, grid_figure, mask_figure, save_png
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,6 @@ def _word_figure(
     cmap: str,
     title: str,
 ) -> Any:
-    from tokencompose.visualize.figures import attention_figure
-
     chosen = agg.select_sizes(token_maps, resolutions)
     combined = agg.combine_resolutions({s: token_maps[s] for s in chosen})  # [1, L, h, w]
     ws = agg.phrase_words(tokenizer, prompt, words) if words else agg.prompt_words(tokenizer, prompt, special)
@@ -84,8 +87,6 @@ def attention_from_prompt(
     label: str = "",
 ) -> Path:
     """Generate ``prompt`` with capture and write the per-word attention figure into ``out`` (a folder)."""
-    from tokencompose.visualize.figures import save_png
-
     image, maps, used = capture.generate_with_attention(
         comps, prompt, seed, steps, guidance, size, layers, None, t_range, device
     )
@@ -116,9 +117,6 @@ def attention_from_image(
     label: str = "",
 ) -> Path:
     """Per-word attention of an existing image + caption, noised at ``noise_levels`` with ``seed``."""
-    from tokencompose.data.dataset import load_image
-    from tokencompose.visualize.figures import save_png
-
     size = size or default_image_size(comps)
     px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
     maps = capture.image_attention(
@@ -152,9 +150,6 @@ def mask_comparisons(
 
     ``models``: ``(label, settings)`` pairs, loaded one at a time by the one loader.
     """
-    from tokencompose.data.dataset import TokenDataset, collate
-    from tokencompose.visualize.figures import mask_figure, save_png
-
     first = load_model(models[0][1])
     size = size or default_image_size(first)
     ds = TokenDataset(data, first.tokenizer, size, attention_sizes=[(size, size)])
@@ -216,8 +211,6 @@ def model_grid(
     name: str = "grid",
 ) -> Path:
     """Same prompts and seeds for every model; models side by side, one row per (prompt, seed)."""
-    from tokencompose.visualize.figures import grid_figure, save_png
-
     images: dict[str, list[np.ndarray]] = {}
     for label, settings in models:
         comps = load_model(settings)
@@ -241,9 +234,6 @@ def loss_curves(run: str | Path, out: Path, smoothing: float = 0.9) -> Path:
     Drawn by the trainer's own figure (``tokencompose.train.curves``), so the report and the end of
     training show the same plot.
     """
-    from tokencompose.train.curves import plot_loss_curves
-    from tokencompose.train.metrics import read_metrics
-
     run = Path(run)
     rows = read_metrics(run / "metrics.jsonl" if run.is_dir() else run)
     out.mkdir(parents=True, exist_ok=True)

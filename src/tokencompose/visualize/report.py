@@ -24,6 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tokencompose.errors import UserError
+from tokencompose.visualize.make import loss_curves
+
 log = logging.getLogger(__name__)
 
 FIGURE_KINDS = ("curves", "attention", "masks", "grid")
@@ -283,11 +286,6 @@ def _curves_section(metrics: list[tuple[str, Path]], figures: list[tuple[str, Pa
     parts = [_figure_html(p, t) for _, p, t in figures if p.parent.resolve() not in redrawn]
     if not metrics:
         return "".join(parts)
-    try:
-        from tokencompose.visualize.make import loss_curves
-    except ImportError as err:  # the trainer's figure module is missing
-        notes.append(f"loss curves not drawn: {err}")
-        return "".join(parts)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, path) in enumerate(metrics):
             try:
@@ -356,8 +354,6 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, title: str = "To
     A missing input, or inputs that hold nothing to show, are a :class:`UserError` (an empty page would
     look like a report); a malformed file among usable ones is only noted on the page.
     """
-    from tokencompose.errors import UserError
-
     for inp in inputs:
         if not Path(inp).exists():
             raise UserError(f"report input {inp} does not exist: pass run folders, results JSON or figure folders")

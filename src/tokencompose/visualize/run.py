@@ -13,6 +13,8 @@ from typing import Literal
 
 from tokencompose.errors import UserError
 from tokencompose.loading import ModelSettings, load_model, resolve_device
+from tokencompose.visualize import make
+from tokencompose.visualize.capture import parse_model_spec
 
 
 @dataclass
@@ -91,8 +93,6 @@ def figure_models(s: VisualizeSettings) -> list[tuple[str, ModelSettings]]:
 
     ``model.checkpoint`` (the ``--checkpoint`` every command has) counts as the first checkpoint.
     """
-    from tokencompose.visualize.capture import parse_model_spec
-
     models = [] if s.no_base else [("base", dataclasses.replace(s.model, checkpoint=None))]
     for spec in ([s.model.checkpoint] if s.model.checkpoint else []) + list(s.checkpoints):
         label, path = parse_model_spec(spec)
@@ -105,8 +105,6 @@ def figure_models(s: VisualizeSettings) -> list[tuple[str, ModelSettings]]:
 
 def run_visualize(s: VisualizeSettings) -> list[Path]:
     """Draw the figure ``s`` names into ``s.out``; returns the files written."""
-    from tokencompose.visualize import make
-
     if s.figure == "curves":
         if not s.run:
             raise UserError("curves: name a run folder (or its metrics.jsonl)")

@@ -23,10 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencompose.atomic import atomic_writer
+from tokencompose.data.shapes import render_scene, scene_record
 from tokencompose.errors import UserError
-from tokencompose.models import save_text_encoder
+from tokencompose.losses import denoise_loss
+from tokencompose.models import Components, clip_tokenizer, save_text_encoder
 from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from tokencompose.tokens import input_ids
+from tokencompose.train.ema import EMA
+from tokencompose.typed_data import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,6 @@ class PretrainConfig:
 
 def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple[torch.Tensor, list[str]]:
     """Scenes ``start .. start+n`` of stream ``stream`` -> images ``[n, 3, S, S]`` in [-1, 1] and captions."""
-    from tokencompose.data.shapes import render_scene, scene_record
-
     images, captions = [], []
     size = cfg.arch.image_size
     for i in range(start, start + n):
@@ -90,8 +93,6 @@ def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple
 
 def _atomic_save(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary sibling, fsynced and renamed onto ``path`` (a kill leaves the old file)."""
-    from tokencompose.atomic import atomic_writer
-
     with atomic_writer(path, "wb") as f:
         torch.save(state, f)
 
@@ -182,10 +183,6 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
     """Stage 2: text encoder + UNet with the denoising loss only, latents from the frozen VAE."""
     from diffusers import AutoencoderKL
 
-    from tokencompose.losses import denoise_loss
-    from tokencompose.models import clip_tokenizer
-    from tokencompose.train.ema import EMA
-
     done = work / "diffusion"
     if (done / "unet" / "config.json").is_file():
         return done
@@ -268,8 +265,6 @@ def export(cfg: PretrainConfig, work: Path, out: Path, fp16: bool = True) -> Pat
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from tokencompose.models import Components, clip_tokenizer
-
     dtype = torch.float16 if fp16 else torch.float32
     comps = Components(
         unet=UNet2DConditionModel.from_pretrained(work / "diffusion" / "unet").to(dtype),
@@ -306,6 +301,4 @@ def load_pretrain_config(source: str | Path | None = None, overrides: list[str] 
 
     Unknown keys and ill-typed values raise :class:`tokencompose.config.ConfigError` naming the key.
     """
-    from tokencompose.typed_data import load_settings
-
     return load_settings(PretrainConfig, None, overrides, source)

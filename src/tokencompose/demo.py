@@ -20,8 +20,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tokencompose.config import load_config
+from tokencompose.data.shapes import categories, make_shapes_dataset, multigen_caption
 from tokencompose.errors import UserError
+from tokencompose.evaluation.prompts import sample_prompts, save_prompts
+from tokencompose.evaluation.run import run_grounding, run_multigen
+from tokencompose.evaluation.settings import (
+    DetectorSettings,
+    GenerationSettings,
+    GroundingSettings,
+    MultiGenSettings,
+    PromptSettings,
+    ShardSettings,
+)
 from tokencompose.loading import ModelSettings
+from tokencompose.train import train
+from tokencompose.visualize.report import build_report
+from tokencompose.visualize.run import VisualizeSettings, run_visualize
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +121,6 @@ def _check_folder(out: Path, record: dict[str, Any]) -> None:
 
 def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float, pixel: float, roi: float) -> Path:
     """Fine-tune one arm; returns its final checkpoint folder (resumes if the run folder exists)."""
-    from tokencompose.config import load_config
-    from tokencompose.train import train
-
     cfg = load_config(
         {
             "run_dir": str(Path(s.out) / "runs" / name),
@@ -127,17 +139,6 @@ def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float,
 
 def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path) -> dict[str, Path]:
     """MultiGen and grounding of one arm through the evaluation library (skipped when already scored)."""
-    from tokencompose.evaluation.run import run_grounding, run_multigen
-    from tokencompose.evaluation.settings import (
-        DetectorSettings,
-        GenerationSettings,
-        GroundingSettings,
-        ModelSettings,
-        MultiGenSettings,
-        PromptSettings,
-        ShardSettings,
-    )
-
     out = Path(s.out) / "eval" / name
     model = ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu")
     mg = out / "multigen" / "results.json"
@@ -165,8 +166,6 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
 
 def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
     """The report's figures through the visualize library: attention per arm, masks vs attention, a grid."""
-    from tokencompose.visualize.run import VisualizeSettings, run_visualize
-
     out = Path(s.out) / "figures"
     if (out / "figures.json").is_file():
         return out
@@ -233,10 +232,6 @@ def verdict(table: dict[str, Any]) -> str:
 def run_demo(s: DemoSettings) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary table and writes ``OUT/report.html``."""
     from tqdm.auto import tqdm
-
-    from tokencompose.data.shapes import categories, make_shapes_dataset, multigen_caption
-    from tokencompose.evaluation.prompts import sample_prompts, save_prompts
-    from tokencompose.visualize.report import build_report
 
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokencompose.errors import UserError
+from tokencompose.loading import (
+    ModelSettings,
+    base_scheduler_config,
+    load_model,
+    make_scheduler,
+    resolve_checkpoint,
+)
+from tokencompose.models import Components
+from tokencompose.train.lora import LORA_WEIGHTS
 
 
 @dataclass
@@ -42,16 +51,6 @@ def _check_out(out: Path) -> None:
 
 def export_pipeline(settings: ExportSettings) -> Path:
     """Write the pipeline folder named by ``settings.out`` and return its path."""
-    from tokencompose.loading import (
-        ModelSettings,
-        base_scheduler_config,
-        load_model,
-        make_scheduler,
-        resolve_checkpoint,
-    )
-    from tokencompose.models import Components
-    from tokencompose.train.lora import LORA_WEIGHTS
-
     out = Path(settings.out)
     _check_out(out)
     lora = None

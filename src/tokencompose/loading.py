@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from tokencompose.errors import UserError
+from tokencompose.models import load_components
 
 SCHEDULERS = ("default", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -154,8 +155,6 @@ def load_model(settings: ModelSettings) -> Any:
 
     The scheduler is the training (noise) scheduler; samplers come from :func:`make_scheduler`.
     """
-    from tokencompose.models import load_components
-
     check_model_path(settings.model)
     unet = lora = None
     if settings.checkpoint is not None:

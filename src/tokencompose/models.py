@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tokencompose.errors import UserError
+
 CLIP_MAX_LENGTH = 77
 
 
@@ -155,8 +157,6 @@ def load_components(
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from tokencompose.errors import UserError
 
     src = str(model)
     is_local = Path(src).expanduser().exists()

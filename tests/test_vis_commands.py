@@ -151,6 +151,10 @@ def test_grid_same_seeds_across_models(models, tmp_path, tiny):
     assert rc == 0
     (entry,) = _manifest(out)
     assert entry["kind"] == "grid" and (out / "grid.png").is_file()
+    # The settings that drew it are kept with it.
+    assert (
+        entry["settings"]["seeds"] == [0, 1] and entry["settings"]["model"]["checkpoint"] == f"tuned={models / 'ckpt'}"
+    )
 
 
 def test_curves_from_run_folder(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokencompose.atomic import write_json_atomic
 from tokencompose.data.dataset import TokenDataset, collate
 from tokencompose.data.images import load_image
 from tokencompose.loading import ModelSettings, default_image_size, load_model, release_memory
@@ -41,7 +42,21 @@ def add_to_manifest(folder: Path, kind: str, file: Path, title: str, **extra: An
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries = [e for e in entries if e.get("file") != file.name]
     entries.append({"kind": kind, "file": file.name, "title": title, **extra})
-    path.write_text(json.dumps(entries, indent=2))
+    write_json_atomic(path, entries)
+
+
+def record_settings(files: Sequence[Path], settings: dict[str, Any]) -> None:
+    """Store the settings that drew ``files`` in their manifest entries (``"settings"``)."""
+    for folder in {Path(f).parent for f in files}:
+        path = folder / MANIFEST
+        if not path.is_file():
+            continue
+        names = {Path(f).name for f in files if Path(f).parent == folder}
+        entries = json.loads(path.read_text())
+        for entry in entries:
+            if entry.get("file") in names:
+                entry["settings"] = settings
+        write_json_atomic(path, entries)
 
 
 def _word_figure(

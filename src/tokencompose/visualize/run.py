@@ -13,6 +13,7 @@ from typing import Literal
 
 from tokencompose.errors import UserError
 from tokencompose.loading import ModelSettings, load_model, resolve_device
+from tokencompose.typed_data import to_dict
 from tokencompose.visualize import make
 from tokencompose.visualize.capture import parse_model_spec
 
@@ -104,7 +105,16 @@ def figure_models(s: VisualizeSettings) -> list[tuple[str, ModelSettings]]:
 
 
 def run_visualize(s: VisualizeSettings) -> list[Path]:
-    """Draw the figure ``s`` names into ``s.out``; returns the files written."""
+    """Draw the figure ``s`` names into ``s.out``; returns the files written.
+
+    Each figure's entry in its folder's ``figures.json`` keeps the settings that drew it.
+    """
+    files = _draw(s)
+    make.record_settings(files, to_dict(s))
+    return files
+
+
+def _draw(s: VisualizeSettings) -> list[Path]:
     if s.figure == "curves":
         if not s.run:
             raise UserError("curves: name a run folder (or its metrics.jsonl)")

@@ -15,7 +15,13 @@ KEY_PREFIX = "settings:"  # argparse dests that are settings keys
 
 
 def option(parser: Any, *flags: str, key: str, **kw: Any) -> None:
-    """Add a flag that sets the dotted settings ``key`` (no default here: the dataclass has it)."""
+    """Add a flag that sets the dotted settings ``key`` (no default here: the dataclass has it).
+
+    Its help names the key, so ``--guidance-scale 5`` and ``generation.guidance_scale=5`` read as one setting.
+    """
+    if kw.get("action") not in ("store_true", "store_false"):
+        kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+    kw["help"] = f"{kw['help']} [{key}]" if kw.get("help") else f"[{key}]"
     parser.add_argument(*flags, dest=KEY_PREFIX + key, default=argparse.SUPPRESS, **kw)
 
 

@@ -320,12 +320,27 @@ class AttentionCapture:
         """``{layer name: [B, H, N, L]}`` of the last UNet forward, in model order."""
         return {n: self.store.maps[n] for n in self.names if n in self.store.maps}
 
-    def by_size(self) -> dict[Size, list[torch.Tensor]]:
-        """Maps of the last forward grouped by spatial size ``(h, w)``, each group in model order."""
+    def by_size(self, names: Iterable[str] | None = None) -> dict[Size, list[torch.Tensor]]:
+        """Maps of the last forward grouped by spatial size ``(h, w)``, each group in model order.
+
+        ``names``: only these captured layers (e.g. one layer, to score it alone); default all. A name
+        that is not captured is a ``KeyError`` (a silent empty group would score nothing).
+        """
+        maps = self.maps
+        if names is not None:
+            wanted = set(names)
+            missing = sorted(wanted - set(self.names))
+            if missing:
+                raise KeyError(f"layers not captured: {missing}; captured: {self.names}")
+            maps = {n: m for n, m in maps.items() if n in wanted}
         groups: dict[Size, list[torch.Tensor]] = {}
-        for name, m in self.maps.items():
+        for name, m in maps.items():
             groups.setdefault(self.store.sizes[name], []).append(m)
         return groups
+
+    def size_of(self, name: str) -> Size:
+        """``(h, w)`` of a captured layer in the last forward."""
+        return self.store.sizes[name]
 
     def clear(self) -> None:
         self.store.clear()

@@ -15,7 +15,7 @@ from typing import NoReturn
 # breaks because one optional part is missing.
 # Commands that load diffusers / transformers models: their per-model loading bars are silenced
 # (importing those libraries just to silence them would cost the light commands seconds).
-LOADS_MODELS = {"demo", "pretrain", "train", "generate", "evaluate", "visualize", "export"}
+LOADS_MODELS = {"demo", "pretrain", "train", "generate", "evaluate", "probe", "visualize", "export"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tokencompose.commands.demo", "run the whole method on the built-in shapes world"),
     "prepare": ("tokencompose.commands.prepare", "build datasets (shapes, coco) and latent caches"),
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tokencompose.commands.train", "fine-tune a model with TokenCompose's losses"),
     "generate": ("tokencompose.commands.generate", "generate images with a (fine-tuned) model"),
     "evaluate": ("tokencompose.commands.evaluate", "MultiGen and attention-grounding evaluation"),
+    "probe": ("tokencompose.commands.probe", "attention grounding of each cross-attention layer per timestep"),
     "compare": ("tokencompose.commands.compare", "side-by-side table of evaluation results"),
     "visualize": ("tokencompose.commands.visualize", "attention maps, masks vs attention, grids"),
     "report": ("tokencompose.commands.report", "one self-contained HTML report"),

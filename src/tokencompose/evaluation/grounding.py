@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokencompose.attention import AttentionCapture
+from tokencompose.attention import AttentionCapture, select_layers
 from tokencompose.maps import phrase_maps
 
 Size = tuple[int, int]
@@ -105,7 +105,6 @@ def summarize(ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float
     }
 
 
-@torch.inference_mode()
 def evaluate_grounding(
     unet: Any,
     vae: Any,
@@ -125,13 +124,42 @@ def evaluate_grounding(
     device. ``eval_size`` is the size of the batch's masks to score against (default: the largest).
     Returns metrics per timestep and for the map averaged over timesteps (``"mean"``).
     """
+    scores, _ = evaluate_grounding_groups(
+        unet, vae, text_encoder, scheduler, loader, {"all": layers}, timesteps, eval_size, thresholds, seed
+    )
+    return scores["all"]
+
+
+@torch.inference_mode()
+def evaluate_grounding_groups(
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    scheduler: Any,
+    loader: Any,
+    groups: Mapping[str, Sequence[str]],
+    timesteps: Sequence[int] = (100, 300, 500),
+    eval_size: Size | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Size]]:
+    """:func:`evaluate_grounding` of several layer groups from one UNet forward per (batch, timestep).
+
+    ``groups``: ``{name: layer selection}`` (as ``layers`` of :func:`evaluate_grounding`); every group's
+    layers are captured at once and each group is scored on its own maps only, so a group's scores equal
+    :func:`evaluate_grounding` with ``layers=`` that selection. Returns ``({name: scores}, {layer: (h, w)})``
+    (the spatial size of each captured layer at the last batch's latent size).
+    """
     device, dtype = unet.device, unet.dtype
     scale = getattr(vae.config, "scaling_factor", 0.18215)
+    names = {g: select_layers(unet, sel) for g, sel in groups.items()}
+    captured = select_layers(unet, [n for ns in names.values() for n in ns])
     keys = [str(t) for t in timesteps] + ["mean"]
-    ious: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    aucs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    ious: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
+    aucs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
+    sizes: dict[str, Size] = {}
     images = 0
-    with AttentionCapture(unet, layers=layers) as cap:
+    with AttentionCapture(unet, layers=captured) as cap:
         for batch in loader:
             size = eval_size or max(batch["masks"], key=lambda s: s[0] * s[1])
             masks = batch["masks"][tuple(size)]
@@ -139,7 +167,8 @@ def evaluate_grounding(
             pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
             latents = vae.encode(pixels).latent_dist.mean.float() * scale
             emb = text_encoder(batch["input_ids"].to(device))[0].to(dtype)
-            per_t = []
+            tok_index, tok_valid = batch["token_index"].to(device), batch["token_valid"].to(device)
+            per_t: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
             for t in timesteps:
                 noise = torch.stack(
                     [
@@ -150,25 +179,29 @@ def evaluate_grounding(
                 tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
                 unet(noisy, tt, encoder_hidden_states=emb)
-                tok_index, tok_valid = batch["token_index"].to(device), batch["token_valid"].to(device)
-                pm = phrase_score_maps(cap.by_size(), tok_index, tok_valid, size)
-                per_t.append(pm.cpu())
-            per_t.append(torch.stack(per_t).mean(dim=0))
-            for key, pm in zip(keys, per_t, strict=True):
-                # Renormalise the timestep mean (a mean of [0, 1] maps need not span [0, 1]).
-                lo, hi = pm.amin(-1, keepdim=True), pm.amax(-1, keepdim=True)
-                pm = (pm - lo) / (hi - lo).clamp(min=1e-12)
-                ious[key].append(iou_sweep(pm, masks, valid, thresholds))
-                aucs[key].append(auroc(pm[valid], masks[valid]))
+                sizes.update({n: cap.size_of(n) for n in captured})
+                for g, ns in names.items():
+                    per_t[g].append(phrase_score_maps(cap.by_size(ns), tok_index, tok_valid, size).cpu())
+            for g, maps_t in per_t.items():
+                maps_t.append(torch.stack(maps_t).mean(dim=0))
+                for key, pm in zip(keys, maps_t, strict=True):
+                    # Renormalise the timestep mean (a mean of [0, 1] maps need not span [0, 1]).
+                    lo, hi = pm.amin(-1, keepdim=True), pm.amax(-1, keepdim=True)
+                    pm = (pm - lo) / (hi - lo).clamp(min=1e-12)
+                    ious[g][key].append(iou_sweep(pm, masks, valid, thresholds))
+                    aucs[g][key].append(auroc(pm[valid], masks[valid]))
             images += latents.shape[0]
-    out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
-    for key in keys:
-        s = summarize(torch.cat(ious[key], dim=1), torch.cat(aucs[key]), thresholds)
-        if key == "mean":
-            out.update(s)
-        else:
-            out["per_timestep"][key] = s
-    return out
+    results = {}
+    for g in groups:
+        out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
+        for key in keys:
+            s = summarize(torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds)
+            if key == "mean":
+                out.update(s)
+            else:
+                out["per_timestep"][key] = s
+        results[g] = out
+    return results, sizes
 
 
 def _seed(seed: int, index: int, t: int) -> int:

@@ -224,27 +224,15 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     import tempfile
 
     from diffusers import DDPMScheduler
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
     s = settings
-    if (s.data is None) == (s.shapes is None):
-        raise UserError("evaluate grounding needs exactly one of --data (a metadata.jsonl) or --shapes N")
-    if s.data is not None and not Path(s.data).is_file():
-        raise UserError(f"grounding data {s.data} does not exist (give a metadata.jsonl with phrase masks)")
+    check_grounding_data(s, "evaluate grounding")
     comps = load_model(s.model)
-    image_size = s.resolution or default_image_size(comps)
-    eval_size = s.eval_size or image_size
     out_dir = Path(s.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if s.shapes is not None:
-            data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size)
-            data_info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
-        else:
-            data, data_info = Path(s.data), {"source": s.data}
-        ds: Any = TokenDataset(data, comps.tokenizer, image_size=image_size, attention_sizes=[(eval_size, eval_size)])
-        if s.limit:
-            ds = Subset(ds, range(min(s.limit, len(ds))))
+        ds, data_info, image_size, eval_size = grounding_dataset(s, comps, tmp)
         from tqdm.auto import tqdm
 
         loader = tqdm(
@@ -260,7 +248,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
         "kind": "grounding",
         "name": s.name,
         "model": model_record(s.model),
-        "data": {**data_info, "image_size": image_size, "eval_size": eval_size, "limit": s.limit},
+        "data": data_info,
         "layers": ",".join(s.layers),
         "seed": s.seed,
         "dtype": str(comps.unet.dtype),
@@ -273,3 +261,32 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     save_settings(out_dir, s)
     write_json_atomic(out_dir / "results.json", result)
     return result
+
+
+def check_grounding_data(s: Any, command: str) -> None:
+    """Exactly one of ``s.data`` (an existing metadata.jsonl) or ``s.shapes``; else a :class:`UserError`."""
+    if (s.data is None) == (s.shapes is None):
+        raise UserError(f"{command} needs exactly one of --data (a metadata.jsonl) or --shapes N")
+    if s.data is not None and not Path(s.data).is_file():
+        raise UserError(f"grounding data {s.data} does not exist (give a metadata.jsonl with phrase masks)")
+
+
+def grounding_dataset(s: Any, comps: Any, tmp: str) -> tuple[Any, dict[str, Any], int, int]:
+    """The images with phrase masks that grounding scores: ``(dataset, data record, image size, eval size)``.
+
+    ``s`` has ``data``/``shapes``/``shapes_seed``/``resolution``/``eval_size``/``limit`` (grounding's and the
+    layer probe's settings); shapes scenes are rendered into ``tmp``, which must outlive the dataset.
+    """
+    from torch.utils.data import Subset
+
+    image_size = s.resolution or default_image_size(comps)
+    eval_size = s.eval_size or image_size
+    if s.shapes is not None:
+        data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size)
+        info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
+    else:
+        data, info = Path(s.data), {"source": s.data}
+    ds: Any = TokenDataset(data, comps.tokenizer, image_size=image_size, attention_sizes=[(eval_size, eval_size)])
+    if s.limit:
+        ds = Subset(ds, range(min(s.limit, len(ds))))
+    return ds, {**info, "image_size": image_size, "eval_size": eval_size, "limit": s.limit}, image_size, eval_size

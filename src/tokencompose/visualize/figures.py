@@ -180,3 +180,43 @@ def grid_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def probe_figure(
+    miou: np.ndarray,
+    auroc: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str = "",
+    cmap: str = DEFAULT_CMAP,
+) -> Any:
+    """The layer probe as two heat maps, layers x timestep buckets: mIoU (left) and AUROC (right).
+
+    ``miou``, ``auroc``: ``[R, C]`` (``R`` layers in UNet order, ``C`` buckets); each cell is annotated with
+    its value. Each panel's colour scale spans its own data, so the ranking of layers reads at a glance.
+    """
+    from matplotlib.colors import Normalize
+
+    n_rows, n_cols = miou.shape
+    fig = _figure(2 * (1.6 + 0.55 * n_cols) + 1.5, 1.2 + 0.28 * n_rows)
+    axes = fig.subplots(1, 2, sharey=True)
+    for k, (ax, data, label) in enumerate(zip(axes, (miou, auroc), ("best mIoU", "AUROC"), strict=True)):
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(lo, hi if hi > lo else lo + 1e-6)
+        im = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto")
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = data[i, j]
+                dark = not np.isfinite(v) or norm(v) < 0.6
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+        ax.set_xticks(range(n_cols), [str(c) for c in cols], fontsize=7)
+        ax.set_xlabel("timestep", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        if k == 0:
+            ax.set_yticks(range(n_rows), list(rows), fontsize=7)
+        cb = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, aspect=30)
+        cb.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(_wrap(title, 80), fontsize=9)
+    return fig

@@ -3,7 +3,7 @@
 Inputs are files or folders, searched a few levels deep: ``config.yaml`` (config summary),
 ``metrics.jsonl`` (loss curves, drawn by the trainer's figure), results JSON with ``"kind"`` of
 ``multigen`` or ``grounding`` (tables with ± and 95% CIs), and figure folders (``figures.json``
-manifests written by ``tokencompose visualize``; loose ``attention_*``/``masks_*``/``grid*``/
+manifests written by ``tokencompose visualize`` and ``probe layers``; loose ``attention_*``/``masks_*``/``grid*``/
 ``loss_curves`` PNGs too). Images are embedded as base64 data URIs and the CSS is inline, so the page
 needs no network and can be mailed as one file. A section with nothing to show is omitted with a note;
 nothing here raises on a malformed input file, but an input that does not exist, or inputs with nothing
@@ -29,7 +29,7 @@ from tokencompose.visualize.make import loss_curves
 
 log = logging.getLogger(__name__)
 
-FIGURE_KINDS = ("curves", "attention", "masks", "grid")
+FIGURE_KINDS = ("curves", "probe", "attention", "masks", "grid")
 _PREFIX = {"loss_curves": "curves", "attention_": "attention", "masks_": "masks", "grid": "grid"}
 _SKIP_DIRS = ("checkpoint", "images", "samples", "latents", "tensorboard", "logs", "__pycache__")
 MAX_DEPTH = 3
@@ -303,6 +303,7 @@ SECTIONS = (
     ("curves", "Loss curves"),
     ("multigen", "MultiGen"),
     ("grounding", "Attention grounding (IoU)"),
+    ("probe", "Layer probe"),
     ("attention", "Attention maps"),
     ("masks", "Masks vs attention"),
     ("grid", "Image grids"),
@@ -322,7 +323,7 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
         "multigen": _multigen_section(mg) if (mg := [r for r in got.results if r["kind"] == "multigen"]) else "",
         "grounding": _grounding_section(gr) if (gr := [r for r in got.results if r["kind"] == "grounding"]) else "",
     }
-    for kind in ("attention", "masks", "grid"):
+    for kind in ("probe", "attention", "masks", "grid"):
         bodies[kind] = "".join(_figure_html(p, t) for _, p, t in by_kind[kind])
     missing = {
         "config": "no config.yaml found",

@@ -45,19 +45,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gr = sub.add_parser("grounding", help="attention grounding: phrase attention vs masks (mIoU sweep, AUROC)")
     option(gr, "--out", key="out", required=True, help="output folder (results.json)")
     option(gr, "--name", key="name")
-    add_model_options(gr)
-    option(gr, "--data", key="data", help="metadata.jsonl with phrase masks")
-    option(gr, "--shapes", key="shapes", help="instead of --data: render this many shapes-world scenes")
-    option(gr, "--shapes-seed", key="shapes_seed", help="scenes unseen in training by default (12345)")
-    option(gr, "--resolution", key="resolution", help="image size in pixels (default: the model's)")
-    option(gr, "--eval-size", key="eval_size", help="mask/score resolution (default: the image size)")
-    option(gr, "--timesteps", key="timesteps", help="comma-separated noise timesteps (100,300,500)")
-    option(gr, "--layers", key="layers", help="cross-attention layers: mid,up (down, mid, up, patterns)")
-    option(gr, "--thresholds", key="thresholds", help="comma-separated mIoU thresholds (0.1,...,0.9)")
-    option(gr, "--batch-size", key="batch_size")
-    option(gr, "--limit", key="limit", help="first N images only")
-    option(gr, "--seed", key="seed")
-    add_settings_arguments(gr)
+    add_grounding_options(
+        gr,
+        timesteps="comma-separated noise timesteps (100,300,500)",
+        layers="cross-attention layers: mid,up (down, mid, up, patterns)",
+    )
+
+
+def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: str) -> None:
+    """The fields of :class:`GroundingSettings` (model, data, metric), shared with ``probe layers``."""
+    add_model_options(p)
+    option(p, "--data", key="data", help="metadata.jsonl with phrase masks")
+    option(p, "--shapes", key="shapes", help="instead of --data: render this many shapes-world scenes")
+    option(p, "--shapes-seed", key="shapes_seed", help="scenes unseen in training by default (12345)")
+    option(p, "--resolution", key="resolution", help="image size in pixels (default: the model's)")
+    option(p, "--eval-size", key="eval_size", help="mask/score resolution (default: the image size)")
+    option(p, "--timesteps", key="timesteps", help=timesteps)
+    option(p, "--layers", key="layers", help=layers)
+    option(p, "--thresholds", key="thresholds", help="comma-separated mIoU thresholds (0.1,...,0.9)")
+    option(p, "--batch-size", key="batch_size")
+    option(p, "--limit", key="limit", help="first N images only")
+    option(p, "--seed", key="seed")
+    add_settings_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

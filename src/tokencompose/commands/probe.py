@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from tokencompose.commands.options import add_model_options, add_settings_arguments, option
+from tokencompose.commands.evaluate import add_grounding_options
+from tokencompose.commands.options import option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,19 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     la = sub.add_parser("layers", help="grounding (mIoU, AUROC) of each cross-attention layer per timestep")
     option(la, "--out", key="out", required=True, help="output folder (probe.md, probe.json, probe_layers.png)")
     option(la, "--name", key="name", help="label of the model in the table")
-    add_model_options(la)
-    option(la, "--data", key="data", help="metadata.jsonl with phrase masks")
-    option(la, "--shapes", key="shapes", help="instead of --data: render this many shapes-world scenes")
-    option(la, "--shapes-seed", key="shapes_seed", help="scenes unseen in training by default (12345)")
-    option(la, "--resolution", key="resolution", help="image size in pixels (default: the model's)")
-    option(la, "--eval-size", key="eval_size", help="mask/score resolution (default: the image size)")
-    option(la, "--timesteps", key="timesteps", help="comma-separated timesteps, one bucket each (100,...,900)")
-    option(la, "--layers", key="layers", help="candidate layers: down,mid,up (blocks or module-name patterns)")
-    option(la, "--thresholds", key="thresholds", help="comma-separated mIoU thresholds (0.1,...,0.9)")
-    option(la, "--batch-size", key="batch_size")
-    option(la, "--limit", key="limit", help="first N images only")
-    option(la, "--seed", key="seed")
-    add_settings_arguments(la)
+    add_grounding_options(
+        la,
+        timesteps="comma-separated timesteps, one bucket each (100,...,900)",
+        layers="candidate layers: down,mid,up (blocks or module-name patterns)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -263,7 +263,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     return result
 
 
-def check_grounding_data(s: Any, command: str) -> None:
+def check_grounding_data(s: GroundingSettings, command: str) -> None:
     """Exactly one of ``s.data`` (an existing metadata.jsonl) or ``s.shapes``; else a :class:`UserError`."""
     if (s.data is None) == (s.shapes is None):
         raise UserError(f"{command} needs exactly one of --data (a metadata.jsonl) or --shapes N")
@@ -271,11 +271,11 @@ def check_grounding_data(s: Any, command: str) -> None:
         raise UserError(f"grounding data {s.data} does not exist (give a metadata.jsonl with phrase masks)")
 
 
-def grounding_dataset(s: Any, comps: Any, tmp: str) -> tuple[Any, dict[str, Any], int, int]:
+def grounding_dataset(s: GroundingSettings, comps: Any, tmp: str) -> tuple[Any, dict[str, Any], int, int]:
     """The images with phrase masks that grounding scores: ``(dataset, data record, image size, eval size)``.
 
-    ``s`` has ``data``/``shapes``/``shapes_seed``/``resolution``/``eval_size``/``limit`` (grounding's and the
-    layer probe's settings); shapes scenes are rendered into ``tmp``, which must outlive the dataset.
+    ``s``: grounding's settings (or the layer probe's, which extend them); shapes scenes are rendered into
+    ``tmp``, which must outlive the dataset.
     """
     from torch.utils.data import Subset
 

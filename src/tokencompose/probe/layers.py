@@ -20,8 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokencompose.atomic import atomic_write_text, write_json_atomic
+from tokencompose.attention import select_layers
+from tokencompose.data.dataset import collate
 from tokencompose.errors import UserError
-from tokencompose.loading import ModelSettings
+from tokencompose.evaluation.grounding import evaluate_grounding_groups
+from tokencompose.evaluation.results import now_iso
+from tokencompose.evaluation.run import (
+    SETTINGS_FILE,
+    check_grounding_data,
+    grounding_dataset,
+    model_record,
+    save_settings,
+)
+from tokencompose.evaluation.settings import GroundingSettings
+from tokencompose.loading import load_model
+from tokencompose.typed_data import to_dict
+from tokencompose.versions import package_versions
+from tokencompose.visualize.figures import probe_figure, save_png
+from tokencompose.visualize.make import add_to_manifest
 
 BLOCKS = ("down", "mid", "up")  # UNet forward order
 RESULT_FILE = "probe.json"
@@ -30,36 +47,18 @@ FIGURE_FILE = "probe_layers.png"
 
 
 @dataclass
-class ProbeSettings:
-    """``tokencompose probe layers``: grounding of each cross-attention layer per timestep bucket."""
+class ProbeSettings(GroundingSettings):
+    """``tokencompose probe layers``: grounding of each cross-attention layer per timestep bucket.
 
-    out: str = ""
-    """Output folder (``probe.json``, ``probe.md``, ``probe_layers.png``, ``figures.json``, ``settings.json``)."""
-    name: str | None = None
-    """Label of this model in the table's title."""
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: str | None = None
-    """A metadata.jsonl with phrase masks (the paper's format)."""
-    shapes: int | None = None
-    """Instead of ``data``: render this many shapes-world scenes and use them."""
-    shapes_seed: int = 12345
-    """Seed of those scenes (unseen in training by default)."""
-    resolution: int | None = None
-    """Image size in pixels (default: the model's native size)."""
-    eval_size: int | None = None
-    """Mask/score resolution (default: the image size)."""
+    ``evaluate grounding``'s settings (same data, model and metric fields), with probe defaults: five
+    timestep buckets, every block's layers as candidates. ``out`` gets ``probe.json``, ``probe.md``,
+    ``probe_layers.png``, ``figures.json`` and ``settings.json``; ``name`` titles the table.
+    """
+
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """Noise timesteps, each its own bucket (a column of the table)."""
     layers: list[str] = field(default_factory=lambda: ["down", "mid", "up"])
     """Candidate layers, each scored alone (``down``, ``mid``, ``up``, or module-name patterns)."""
-    thresholds: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
-    """Thresholds of the mIoU sweep (the best one is reported)."""
-    batch_size: int = 4
-    """Images per UNet call."""
-    limit: int | None = None
-    """Only the first N images."""
-    seed: int = 0
-    """Seed of the noise the images are corrupted with."""
 
 
 def block_of(name: str) -> str:
@@ -101,20 +100,6 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
     from diffusers import DDPMScheduler
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    from tokencompose.attention import select_layers
-    from tokencompose.data.dataset import collate
-    from tokencompose.evaluation.grounding import evaluate_grounding_groups
-    from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
-    from tokencompose.evaluation.run import (
-        SETTINGS_FILE,
-        check_grounding_data,
-        grounding_dataset,
-        model_record,
-        save_settings,
-    )
-    from tokencompose.loading import load_model
-    from tokencompose.typed_data import to_dict
 
     s = settings
     if not s.out:
@@ -173,7 +158,7 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
     }
     save_settings(out_dir, s)
     write_json_atomic(out_dir / RESULT_FILE, result)
-    (out_dir / TABLE_FILE).write_text(markdown_table(result), encoding="utf-8")
+    atomic_write_text(out_dir / TABLE_FILE, markdown_table(result))
     write_figure(result, out_dir, to_dict(s))
     return result
 
@@ -219,9 +204,6 @@ def markdown_table(result: dict[str, Any]) -> str:
 def write_figure(result: dict[str, Any], out_dir: Path, settings: dict[str, Any]) -> Path:
     """The heat-map figure and its ``figures.json`` entry (kind ``probe``, with the ``settings`` that drew it)."""
     import numpy as np
-
-    from tokencompose.visualize.figures import probe_figure, save_png
-    from tokencompose.visualize.make import add_to_manifest
 
     cols = [*result["buckets"], "mean"]
     miou = np.array([[r["cells"][c]["miou"] for c in cols] for r in result["layers"]], dtype=float)

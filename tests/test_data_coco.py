@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tokencompose.data.records import read_jsonl
+from train_util import RecordingBars
 
 spacy = pytest.importorskip("spacy")
 pytest.importorskip("pycocotools")
@@ -126,25 +127,14 @@ def test_cli_prepare_coco_then_train_dataset(tiny_coco):
 
 
 def test_prepare_coco_progress_bar_stays_off_a_terminal(tiny_coco, nlp, tmp_path, monkeypatch, capsys):
-    import io
-
-    import tqdm.auto
-
     from tokencompose.data.coco import prepare_coco
 
-    bars = []
-
-    class Recording(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            # drawn (into a buffer) so that it counts; the arguments are what the code asked for
-            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
-            bars.append((kwargs, self))
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    recorder = RecordingBars()
+    recorder.install(monkeypatch)
     prepare_coco(
         tiny_coco / "captions.json", tiny_coco / "instances.json", tiny_coco / "images", tmp_path / "out", nlp=nlp
     )
-    [(kwargs, bar)] = bars
+    [(kwargs, bar)] = recorder.bars
     assert kwargs["desc"] == "prepare coco" and kwargs["disable"] is None  # None: a bar on a terminal only
     assert bar.total == bar.n == 3  # every captioned image, the missing one included
     assert "prepare coco" not in capsys.readouterr().err  # pytest's stderr is no terminal

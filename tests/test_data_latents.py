@@ -8,6 +8,7 @@ import torch
 from tokencompose.data import records as R
 from tokencompose.data.dataset import TokenDataset, collate, load_image
 from tokencompose.data.latents import LatentCache, StaleCacheError, build_latent_cache, sample_latents
+from train_util import RecordingBars
 
 
 def tiny_vae(seed: int = 0):
@@ -114,21 +115,10 @@ def test_cli_prepare_latents(data, tmp_path, tok):
 
 
 def test_progress_bar_counts_images_and_stays_off_a_terminal(data, tmp_path, monkeypatch, capsys):
-    import io
-
-    import tqdm.auto
-
-    bars = []
-
-    class Recording(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            # drawn (into a buffer) so that it counts; the arguments are what the code asked for
-            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
-            bars.append((kwargs, self))
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    recorder = RecordingBars()
+    recorder.install(monkeypatch)
     build_latent_cache(tiny_vae(), data, tmp_path / "c", 32, batch_size=2)
-    [(kwargs, bar)] = bars
+    [(kwargs, bar)] = recorder.bars
     assert kwargs["desc"] == "prepare latents" and kwargs["disable"] is None  # None: a bar on a terminal only
     assert (bar.total, bar.n) == (5, 5)
     assert "prepare latents" not in capsys.readouterr().err  # pytest's stderr is no terminal

@@ -12,6 +12,7 @@ import torch
 from tokencompose.cli import main
 from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora, save_lora
+from train_util import nonzero_lora_up, unet_output
 
 # Loads the folder with stock diffusers only, checks one dtype throughout, generates one small image.
 STOCK = """
@@ -29,15 +30,6 @@ print("ok")
 """
 
 
-def _unet_out(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    cfg = unet.config
-    x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([300]), ctx).sample
-
-
 def _stock(folder: Path, lora: bool = False) -> None:
     argv = [sys.executable, "-c", STOCK, str(folder)] + (["lora"] if lora else [])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -53,15 +45,12 @@ def checkpoints(model_dir: Path, tmp_path_factory) -> dict[str, tuple[Path, torc
         for p in unet.parameters():
             p.add_(0.01 * torch.randn_like(p))
     unet.save_pretrained(root / "full" / "unet")
-    full = _unet_out(unet)
+    full = unet_output(unet)
     unet = load_components(model_dir).unet
     add_lora(unet, rank=2, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn_like(p))
+    nonzero_lora_up(unet)
     save_lora(unet, root / "lora")
-    return {"full": (root / "full", full), "lora": (root / "lora", _unet_out(unet))}
+    return {"full": (root / "full", full), "lora": (root / "lora", unet_output(unet))}
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
@@ -72,7 +61,7 @@ def test_export_loads_in_stock_diffusers_and_is_the_trained_model(checkpoints, m
     out = tmp_path / "exported"
     assert main(["export", "--model", str(model_dir), "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     pipe = DiffusionPipeline.from_pretrained(str(out))
-    torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-4, atol=1e-5)
     _stock(out)
 
 
@@ -84,9 +73,9 @@ def test_export_keep_lora_puts_the_adapter_beside_the_base(checkpoints, model_di
     assert main(["export", "--model", str(model_dir), "--checkpoint", str(ckpt), "--out", str(out), "--keep-lora"]) == 0
     pipe = DiffusionPipeline.from_pretrained(str(out))
     base = load_components(model_dir).unet
-    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(base))  # untouched base
+    torch.testing.assert_close(unet_output(pipe.unet), unet_output(base))  # untouched base
     pipe.load_lora_weights(str(out))
-    torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-4, atol=1e-5)
     _stock(out, lora=True)
 
 

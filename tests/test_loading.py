@@ -11,15 +11,7 @@ from tokencompose.errors import UserError
 from tokencompose.loading import ModelSettings, load_model, load_pipeline, resolve_checkpoint
 from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora, save_lora
-
-
-def _out(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    c = unet.config
-    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    with torch.no_grad():
-        return unet(x.to(unet.dtype), torch.tensor([100]), torch.randn(1, 77, c.cross_attention_dim, generator=g).to(
-            unet.dtype)).sample.float()  # fmt: skip
+from train_util import nonzero_lora_up, unet_output
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +23,12 @@ def ckpts(model_dir: Path, tmp_path_factory):
             p.add_(0.01)
     unet.save_pretrained(root / "full" / "unet")
     unet.save_pretrained(root / "full" / "unet_ema")
-    full = _out(unet)
+    full = unet_output(unet)
     unet = load_components(model_dir).unet
     add_lora(unet, rank=2, alpha=4.0, target_modules=["to_q", "to_v"])
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.fill_(0.02)
+    nonzero_lora_up(unet, fill=0.02)
     save_lora(unet, root / "lora")
-    return root, full, _out(unet)
+    return root, full, unet_output(unet)
 
 
 def test_full_ema_and_lora_checkpoints_load_as_the_trained_unet(model_dir, ckpts) -> None:
@@ -50,7 +39,7 @@ def test_full_ema_and_lora_checkpoints_load_as_the_trained_unet(model_dir, ckpts
         (root / "lora", False, lora),
     ]:
         comps = load_model(ModelSettings(model=str(model_dir), checkpoint=str(ckpt), ema=ema, device="cpu"))
-        torch.testing.assert_close(_out(comps.unet), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unet_output(comps.unet), expected, rtol=1e-4, atol=1e-5)
         assert not any("lora" in n for n, _ in comps.unet.named_parameters())
 
 

@@ -28,17 +28,14 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_ckpt(models):
     """A LoRA checkpoint of the base (non-zero adapters), as the trainer writes it."""
-    import torch
 
     from tokencompose.models import load_components
     from tokencompose.train.lora import add_lora, save_lora
+    from train_util import nonzero_lora_up
 
     unet = load_components(models / "base").unet
     add_lora(unet, rank=2, alpha=4.0, target_modules=["to_k", "to_v"])
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.05)
+    nonzero_lora_up(unet, fill=0.05)
     save_lora(unet, models / "lora")
     return models / "lora"
 

@@ -51,3 +51,51 @@ def load_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def unet_output(unet: Any, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """The UNet's prediction for seeded random latents, timesteps and text states (float32), to compare models."""
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    text = torch.randn(batch, 77, c.cross_attention_dim, generator=g)
+    t = torch.linspace(10, 500, batch).long()
+    with torch.no_grad():
+        return unet(x.to(unet.dtype), t, text.to(unet.dtype)).sample.float()
+
+
+def nonzero_lora_up(unet: Any, fill: float | None = None, seed: int = 0, std: float = 0.05) -> None:
+    """peft starts every ``lora_B`` (up) matrix at zero, so a new adapter changes nothing: give them values.
+
+    ``fill``: one constant everywhere; else a seeded Gaussian with ``std``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.full_like(p, fill) if fill is not None else torch.randn(p.shape, generator=g) * std)
+
+
+class RecordingBars:
+    """Stands in for ``tqdm.auto.tqdm``: records each bar's keyword arguments and draws it into a buffer.
+
+    ``install(monkeypatch)``; after the run, ``bars`` holds ``(kwargs, bar)`` per bar the code opened.
+    """
+
+    def __init__(self) -> None:
+        self.bars: list[tuple[dict[str, Any], Any]] = []
+
+    def install(self, monkeypatch: Any) -> None:
+        import io
+
+        import tqdm.auto
+
+        bars = self.bars
+
+        class Recording(tqdm.auto.tqdm):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                # drawn (into a buffer) so that it counts; the arguments are what the code asked for
+                super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+                bars.append((kwargs, self))
+
+        monkeypatch.setattr(tqdm.auto, "tqdm", Recording)

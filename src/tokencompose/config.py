@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tokencompose.atomic import atomic_write_text
 from tokencompose.typed_data import (
     ConfigError,
     build_dataclass,
@@ -354,4 +355,4 @@ def dump_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every field, no ``extends``) as YAML."""
-    Path(path).write_text(dump_yaml(cfg))
+    atomic_write_text(path, dump_yaml(cfg))

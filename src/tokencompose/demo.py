@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tokencompose.atomic import atomic_write_text
 from tokencompose.config import load_config
 from tokencompose.data.shapes import categories, make_shapes_dataset, multigen_caption
 from tokencompose.errors import UserError
@@ -243,7 +244,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         )
     record = {**asdict(s), "base": str(base)}
     _check_folder(out, record)
-    (out / "demo_settings.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "demo_settings.json", json.dumps(record, indent=2))
     arms_spec = [("control", 0.0, 0.0, 0.0), ("tokencompose", s.token_weight, s.pixel_weight, 0.0)]
     if s.roi_weight > 0:
         arms_spec.append(("tokencompose_roi", s.token_weight, s.pixel_weight, s.roi_weight))
@@ -282,7 +283,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         stages.update(1)
     table = summarize(results)
     summary = {"kind": "summary", "table": table, "verdict": verdict(table), "base": str(base), "settings": asdict(s)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     build_report([out], out / "report.html", title="TokenCompose demo on the shapes world")
     stages.update(1)
     stages.close()

@@ -12,16 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
+    from tokencompose.atomic import atomic_write_text, write_json_atomic
     from tokencompose.evaluation.results import compare, load_result, markdown_table
 
     table = compare([load_result(p) for p in args.results])
     text = markdown_table(table)
     print(text, end="")
     if args.markdown:
-        Path(args.markdown).write_text(text)
+        atomic_write_text(args.markdown, text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(table, indent=2) + "\n")
+        write_json_atomic(args.json_out, table)
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencompose.atomic import atomic_write_text
 from tokencompose.captions import article, multigen_text  # noqa: F401  (re-exported: part of this module's API)
 from tokencompose.data import shapes
 
@@ -73,7 +74,7 @@ def save_prompts(prompts: Sequence[Prompt], path: str | Path) -> None:
             row[f"obj_{i}_attributes"] = [c]
         row["text"] = p.text
         rows.append(row)
-    Path(path).write_text(json.dumps(rows, indent=4) + "\n")
+    atomic_write_text(path, json.dumps(rows, indent=4) + "\n")
 
 
 def categories(name: str) -> list[str]:

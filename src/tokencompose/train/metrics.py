@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from tokencompose.atomic import atomic_write_text
+
 
 class RunningSums:
     """Sums of per-sample values ``[B]`` kept on the device between log rows (no host sync per step)."""
@@ -83,7 +85,7 @@ class MetricsWriter:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a row cut by the kill
-        self.path.write_text("".join(f"{line}\n" for line in keep))
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))  # a crash keeps the old rows
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:

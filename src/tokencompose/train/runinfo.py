@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokencompose.atomic import atomic_write_text
 from tokencompose.config import Config, load_config, save_config, to_dict
 from tokencompose.versions import package_versions
 
@@ -44,7 +45,7 @@ def write_manifest(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
         "seed": cfg.train.seed,
         **info,
     }
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tokencompose.atomic import atomic_write_text
 from tokencompose.errors import UserError
 from tokencompose.visualize.make import loss_curves
 
@@ -366,7 +367,7 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, title: str = "To
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(got, title), encoding="utf-8")
+    atomic_write_text(out, render(got, title))
     log.info(
         "report %s: %d configs, %d runs with metrics, %d results, %d figures",
         out, len(got.configs), len(got.metrics), len(got.results), len(got.figures),

@@ -99,12 +99,8 @@ def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
 
     comps, ds = shapes_loader_parts
     kw = dict(timesteps=(100, 500), layers=("mid", "up"), seed=0)
-    r2 = evaluate_grounding(
-        comps.unet, comps.vae, comps.text_encoder, comps.scheduler, DataLoader(ds, 2, collate_fn=collate), **kw
-    )
-    r1 = evaluate_grounding(
-        comps.unet, comps.vae, comps.text_encoder, comps.scheduler, DataLoader(ds, 1, collate_fn=collate), **kw
-    )
+    r2 = evaluate_grounding(comps, comps.scheduler, DataLoader(ds, 2, collate_fn=collate), **kw)
+    r1 = evaluate_grounding(comps, comps.scheduler, DataLoader(ds, 1, collate_fn=collate), **kw)
     assert r2["num_images"] == 3 and r2["num_phrases"] > 0
     assert set(r2["per_timestep"]) == {"100", "500"}
     assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0

@@ -65,7 +65,7 @@ def test_probe_numbers_equal_evaluate_grounding_on_each_layer(probe_out: Path, m
         # near-flat maps of a random tiny UNet magnifies. An outer capture gives the reference the probe's
         # very forward, so the scores must be equal, not close.
         with AttentionCapture(comps.unet, layers=("down", "mid", "up")):
-            refs = {row["name"]: evaluate_grounding(comps.unet, comps.vae, comps.text_encoder, sched, loader,
+            refs = {row["name"]: evaluate_grounding(comps, sched, loader,
                                                     timesteps=(100, 700), layers=[row["name"]],
                                                     eval_size=(size, size), seed=0)
                     for row in result["layers"]}  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokencompose.config import load_config
-from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepContext, training_step
+from tokencompose.train.step import Conditioner, LossTerm, LossWeights, NoiseSource, StepContext, training_step
 from train_util import config_dict, load_unet_weights, make_base, make_data
 
 
@@ -33,7 +33,7 @@ def test_overfitting_one_batch_lowers_the_total_loss(assets):
     ds = TokenDataset(str(data), comps.tokenizer, 64, attention_sizes=sizes)
     batch = collate([ds[0], ds[1]])
     weights = LossWeights(token=1e-3, pixel=5e-5)
-    cond = SDConditioner(comps.text_encoder)
+    cond = Conditioner(comps, 64)
     opt = torch.optim.AdamW(comps.unet.parameters(), lr=1e-3)
 
     def evaluate() -> float:

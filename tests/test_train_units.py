@@ -134,7 +134,7 @@ def test_resume_with_another_batch_layout_is_refused():
 def test_v_prediction_target():
     from diffusers import DDPMScheduler
 
-    from tokencompose.train.step import prediction_target
+    from tokencompose.families.base import target as prediction_target
 
     sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     x, eps, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 900])

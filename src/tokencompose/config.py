@@ -52,8 +52,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit); ignored for local folders."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (SD 2.x 768 px models are ``v_prediction``); None = keep."""
-    family: Literal["sd"] = "sd"
-    """Model family: ``sd`` (SD 1.x / 2.x, one CLIP text encoder). ``sdxl`` is planned."""
+    family: Literal["auto", "sd", "sdxl"] = "auto"
+    """Architecture: ``auto`` (read from the folder's ``model_index.json``; ``tiny`` is ``sd``), ``sd`` (SD 1.x /
+    2.x, one CLIP text encoder) or ``sdxl`` (two encoders, pooled embedding, size/crop conditioning)."""
 
 
 @dataclass
@@ -96,8 +97,9 @@ class LossConfig:
     """Width of the alignment term's shared embedding (projection heads' output)."""
     roi_symmetric: bool = False
     """Average the image->text and text->image InfoNCE directions."""
-    layers: list[str] = field(default_factory=lambda: ["mid", "up"])
-    """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or layer-name prefixes."""
+    layers: list[str] | None = None
+    """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or fnmatch patterns on layer names; None:
+    the family's default (``mid`` + ``up`` for SD, the paper's 10 layers, and for SDXL)."""
     capture_columns: bool = False
     """Keep only the batch's supervised token columns of each captured map (less memory; same losses)."""
     capture_sdpa_output: bool = False
@@ -234,7 +236,7 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("loss.pixel_weight", lambda v: v >= 0, "must be >= 0"),
     ("loss.roi_weight", lambda v: v >= 0, "must be >= 0"),
     ("loss.roi_embed_dim", lambda v: v >= 1, "must be >= 1"),
-    ("loss.layers", lambda v: len(v) > 0, "must name at least one layer group"),
+    ("loss.layers", lambda v: v is None or len(v) > 0, "must name at least one layer group (or be null)"),
     ("optim.lr", lambda v: v > 0, "must be > 0"),
     ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "each beta must be in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),

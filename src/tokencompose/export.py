@@ -24,7 +24,6 @@ from tokencompose.loading import (
     make_scheduler,
     resolve_checkpoint,
 )
-from tokencompose.models import Components
 from tokencompose.train.lora import LORA_WEIGHTS
 
 
@@ -42,6 +41,8 @@ class ExportSettings:
     """Export the checkpoint's EMA UNet (``unet_ema/``)."""
     keep_lora: bool = False
     """For a LoRA checkpoint: keep the adapter as ``pytorch_lora_weights.safetensors`` beside the base."""
+    family: str = "auto"
+    """Architecture of the base: ``auto`` (its ``model_index.json``) | ``sd`` | ``sdxl``."""
 
 
 def _check_out(out: Path) -> None:
@@ -60,16 +61,17 @@ def export_pipeline(settings: ExportSettings) -> Path:
         raise UserError(f"--keep-lora: checkpoint {settings.checkpoint} is not a LoRA checkpoint")
     checkpoint = None if settings.keep_lora else settings.checkpoint  # the base stays untouched with keep_lora
     loaded = load_model(
-        ModelSettings(model=settings.model, checkpoint=checkpoint, ema=settings.ema, device="cpu", dtype="fp32")
+        ModelSettings(
+            model=settings.model,
+            checkpoint=checkpoint,
+            ema=settings.ema,
+            device="cpu",
+            dtype="fp32",
+            family=settings.family,
+        )  # fmt: skip
     )
     # The base's own sampler (not the training noise scheduler that load_model returns).
-    comps = Components(
-        unet=loaded.unet,
-        vae=loaded.vae,
-        text_encoder=loaded.text_encoder,
-        tokenizer=loaded.tokenizer,
-        scheduler=make_scheduler(base_scheduler_config(settings.model), "default"),
-    )
+    comps = dataclasses.replace(loaded, scheduler=make_scheduler(base_scheduler_config(settings.model), "default"))
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)  # our own leftover from an interrupted export

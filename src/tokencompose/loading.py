@@ -2,7 +2,8 @@
 
 Every command that runs a model (generate, evaluate, visualize, demo, export) describes it with
 :class:`ModelSettings` and gets it from here: :func:`load_model` for the parts (what attention capture
-and grounding need), :func:`load_pipeline` for a ready ``StableDiffusionPipeline``. A checkpoint is one
+and grounding need), :func:`load_pipeline` for a ready pipeline of the model's family (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``). A checkpoint is one
 of ours (``step-N/`` with ``unet/``, ``unet_ema/`` or a LoRA file) or a plain diffusers UNet folder; a
 LoRA is fused into the UNet, so every caller sees one plain UNet whatever was trained.
 """
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from tokencompose.errors import UserError
+from tokencompose.families import family_of
 from tokencompose.models import load_components
 
 SCHEDULERS = ("default", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm")
@@ -39,6 +41,8 @@ class ModelSettings:
     """``auto`` (CUDA, else MPS, else CPU) | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """Weights' precision; ``auto``: fp16 on CUDA, fp32 elsewhere."""
+    family: Literal["auto", "sd", "sdxl"] = "auto"
+    """Architecture: ``auto`` reads the base's ``model_index.json``; ``sd`` (1.x / 2.x) | ``sdxl``."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -123,20 +127,10 @@ def base_scheduler_config(model: str | Path) -> dict[str, Any]:
 
 
 def pipeline_from_components(comps: Any, scheduler: Any, safety_checker: Any = None, extractor: Any = None) -> Any:
-    """A ``StableDiffusionPipeline`` over loaded parts; attention through PyTorch SDPA, progress bars off."""
-    from diffusers import StableDiffusionPipeline
+    """The family's pipeline over loaded parts; attention through PyTorch SDPA, progress bars off."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=scheduler,
-        safety_checker=safety_checker,
-        feature_extractor=extractor,
-        requires_safety_checker=False,
-    )
+    pipe = family_of(comps).pipeline(comps, scheduler, safety_checker, extractor)
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -159,19 +153,19 @@ def load_model(settings: ModelSettings) -> Any:
     unet = lora = None
     if settings.checkpoint is not None:
         unet, lora = resolve_checkpoint(settings.checkpoint, ema=settings.ema)
-    comps = load_components(settings.model, unet=unet)
+    comps = load_components(settings.model, unet=unet, family=settings.family)
     if lora is not None:
         _fuse_lora(comps, lora, settings.lora_scale)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    for part in (comps.unet, comps.vae, comps.text_encoder):
+    for part in (comps.unet, comps.vae, *comps.text_encoders):
         # Cast only when needed: diffusers warns on every ``to(dtype)`` of a model loaded in float32.
         part.to(device) if dtype == torch.float32 else part.to(device=device, dtype=dtype)
     return comps
 
 
 def load_pipeline(settings: ModelSettings, scheduler: str = "default", safety_checker: bool = False) -> Any:
-    """A ready ``StableDiffusionPipeline`` of the model ``settings`` name, sampling with ``scheduler``."""
+    """A ready pipeline (the family's class) of the model ``settings`` name, sampling with ``scheduler``."""
     check_model_path(settings.model)
     resolve_device(settings.device)
     if settings.checkpoint is not None:

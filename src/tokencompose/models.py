@@ -46,35 +46,54 @@ def hf_dtype(dtype: torch.dtype | None) -> dict[str, Any]:
     return {key: dtype}
 
 
-def clip_tokenizer() -> Any:
-    """The CLIP BPE tokenizer of SD 1.x (same ids), built offline from the files shipped as package data."""
+def clip_tokenizer(pad_token: str | None = None) -> Any:
+    """The CLIP BPE tokenizer of SD 1.x (same ids), built offline from the files shipped as package data.
+
+    ``pad_token``: SDXL's second tokenizer pads with ``"!"`` instead of the end-of-text token.
+    """
     from transformers import CLIPTokenizer
 
     root = resources.files("tokencompose") / "assets" / "clip_tokenizer"
+    kw = {"pad_token": pad_token} if pad_token is not None else {}
     with resources.as_file(root) as folder:
         return CLIPTokenizer(
-            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=CLIP_MAX_LENGTH
+            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=CLIP_MAX_LENGTH, **kw
         )
 
 
 @dataclass
 class Components:
-    """The parts of a latent text-to-image diffusion pipeline that training and evaluation need."""
+    """The parts of a latent text-to-image diffusion pipeline that training and evaluation need.
+
+    ``family`` names the architecture (:mod:`tokencompose.families`), which says what the parts mean:
+    SDXL fills ``text_encoder_2`` / ``tokenizer_2``, SD leaves them None.
+    """
 
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: str = "sd"
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """Every text encoder the family has (frozen in training, moved with the model)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def save(self, path: str | Path) -> None:
-        """Write every part in diffusers layout plus a ``model_index.json`` for ``StableDiffusionPipeline``."""
+        """Write every part in diffusers layout plus the ``model_index.json`` of the family's pipeline class."""
+        from tokencompose.families import get_family
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet")
         self.vae.save_pretrained(path / "vae")
-        save_text_encoder(self.text_encoder, path / "text_encoder")
-        save_tokenizer(self.tokenizer, path / "tokenizer")
+        for part in get_family(self.family).text_parts:
+            value = getattr(self, part)
+            (save_tokenizer if part.startswith("tokenizer") else save_text_encoder)(value, path / part)
         self.scheduler.save_pretrained(path / "scheduler")
         write_model_index(path, self)
 
@@ -124,22 +143,9 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
 def write_model_index(path: Path, comps: Components) -> None:
     import json
 
-    import diffusers
+    from tokencompose.families import get_family
 
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", type(comps.scheduler).__name__],
-        "text_encoder": ["transformers", type(comps.text_encoder).__name__],
-        "tokenizer": ["transformers", type(comps.tokenizer).__name__],
-        "unet": ["diffusers", type(comps.unet).__name__],
-        "vae": ["diffusers", type(comps.vae).__name__],
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    (path / "model_index.json").write_text(json.dumps(get_family(comps.family).model_index(comps), indent=2))
 
 
 def load_components(
@@ -148,29 +154,33 @@ def load_components(
     unet: str | Path | None = None,
     local_files_only: bool | None = None,
     dtype: torch.dtype = torch.float32,
+    family: str = "auto",
 ) -> Components:
     """Load the parts from a diffusers-layout folder or hub id; ``unet`` optionally overrides the UNet.
 
     ``unet`` may be a folder holding a diffusers UNet (``config.json`` + weights) or a folder with a
     ``unet/`` subfolder (a checkpoint of ours). Every part is loaded in ``dtype`` (float32 by default,
-    whatever precision the files store: our shipped base model stores float16).
+    whatever precision the files store: our shipped base model stores float16). ``family``: ``auto``
+    (read from the folder, :func:`tokencompose.families.detect_family`), ``sd`` or ``sdxl``.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from tokencompose.families import resolve_family
 
     src = str(model)
     is_local = Path(src).expanduser().exists()
     if not is_local and (local_files_only or looks_like_path(model)):
         raise UserError(f"model folder {src} does not exist")
     kw: dict[str, Any] = {"revision": revision} if revision else {}
+    fam = resolve_family(family, model, revision)
     if is_local:
         src = str(Path(src).expanduser())
         kw["local_files_only"] = True
-        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (Path(src) / s).is_dir()]
+        needed = ("unet", "vae", *fam.text_parts, "scheduler")
+        missing = [s for s in needed if not (Path(src) / s).is_dir()]
         if missing:
-            raise UserError(f"{src} is not a diffusers-layout model folder: missing {', '.join(missing)}/")
-    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **hf_dtype(dtype), **kw)
+            raise UserError(f"{src} is not a diffusers-layout {fam.name} model folder: missing {', '.join(missing)}/")
+    text = fam.load_text(src, kw, dtype)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     if unet is None:
@@ -181,7 +191,7 @@ def load_components(
         unet_model = UNet2DConditionModel.from_pretrained(
             str(upath), subfolder=sub, local_files_only=True, torch_dtype=dtype
         )
-    return Components(unet=unet_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return Components(unet=unet_model, vae=vae, scheduler=scheduler, family=fam.name, **text)
 
 
 def tiny_unet_config(

@@ -47,6 +47,9 @@ class TokenDataset(torch.utils.data.Dataset):
             samples carry ``latent_mean``/``latent_std`` instead of ``pixel_values``.
         flip: random horizontal flip (off by default, as the paper; incompatible with a latent cache).
         root: folder that relative paths in the jsonl are relative to (default: the file's folder).
+        text_inputs: ``{batch key: tokenizer}``, every text-encoder input the model needs (SDXL:
+            ``input_ids`` and ``input_ids_2``); default ``{"input_ids": tokenizer}``. Phrase spans always
+            come from ``tokenizer``, the index space of the attention maps.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class TokenDataset(torch.utils.data.Dataset):
         latent_cache: Any = None,
         flip: bool = False,
         root: str | Path | None = None,
+        text_inputs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(records_or_jsonl_path, str | Path):
             self.source: Any = JsonlIndex(records_or_jsonl_path, root)
@@ -66,6 +70,7 @@ class TokenDataset(torch.utils.data.Dataset):
             self.source = list(records_or_jsonl_path)
             self._index_drops = Counter()
         self.tokenizer = tokenizer
+        self.text_inputs = dict(text_inputs) if text_inputs else {"input_ids": tokenizer}
         self.max_length = int(getattr(tokenizer, "model_max_length", 77))
         self.image_size = int(image_size)
         self.attention_sizes = [tuple(s) for s in (attention_sizes or _default_sizes(self.image_size))]
@@ -191,8 +196,16 @@ class TokenDataset(torch.utils.data.Dataset):
         sample["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         sample["box_valid"] = torch.tensor(box_valid, dtype=torch.bool)
         sample["phrases"] = texts
-        ids = self.tokenizer(rec.caption, padding="max_length", max_length=self.max_length, truncation=True)
-        sample["input_ids"] = torch.tensor(ids["input_ids"], dtype=torch.long)
+        for key, tok in self.text_inputs.items():
+            n = int(getattr(tok, "model_max_length", self.max_length))
+            ids = tok(rec.caption, padding="max_length", max_length=n, truncation=True)["input_ids"]
+            sample[key] = torch.tensor(ids, dtype=torch.long)
+        # SDXL's micro-conditioning reads the real resize and crop (Podell et al. 2023, sec. 2.2).
+        new_w, _, left, top, _, _ = geom
+        if flip:  # the crop's left edge as seen in the flipped image
+            left = new_w - left - s
+        sample["original_size"] = torch.tensor([height, width], dtype=torch.long)
+        sample["crop_top_left"] = torch.tensor([top, left], dtype=torch.long)
         return sample
 
     def _load_mask(self, path: str, image_size: tuple[int, int], geom: tuple, dropped: list[str]) -> np.ndarray | None:
@@ -266,7 +279,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> batch (``P``, ``T`` padded to the batch max, ``P >= 1``).
 
     Keys: ``pixel_values`` float ``[B, 3, S, S]`` in [-1, 1] or ``latent_mean``/``latent_std`` float
-    ``[B, 4, S/8, S/8]``; ``input_ids`` long ``[B, 77]``; ``token_index`` long / ``token_valid`` bool
+    ``[B, 4, S/8, S/8]``; ``input_ids`` long ``[B, 77]`` (and ``input_ids_2``... when the model has more
+    text encoders); ``original_size`` / ``crop_top_left`` long ``[B, 2]`` (height, width) of the image file and
+    (top, left) of the crop after the resize; ``token_index`` long / ``token_valid`` bool
     ``[B, P, T]``; ``masks`` ``{(h, w): bool [B, P, h*w]}``; ``boxes`` float ``[B, P, 4]`` and
     ``box_valid`` bool ``[B, P]``; ``captions``; ``phrases`` (kept, aligned with ``P``); ``phrase_ids`` long
     ``[B, P]``, a stable hash of each phrase's normalised text (padding 0), so the ROI loss compares texts
@@ -280,7 +295,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in ("pixel_values", "latent_mean", "latent_std"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).float()
-    batch["input_ids"] = torch.stack([s["input_ids"] for s in samples])
+    for key in [k for k in samples[0] if k.startswith("input_ids")] + ["original_size", "crop_top_left"]:
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
     batch["token_index"], batch["token_valid"] = token_index, token_valid
     masks: dict[Size, torch.Tensor] = {}
     for size, first in samples[0]["masks"].items():

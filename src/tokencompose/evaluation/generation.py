@@ -177,7 +177,7 @@ def generate_images(
             # Per-image generators also drive the noise of stochastic schedulers (ancestral samplers).
             generator=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds],
         )
-        flags = out.nsfw_content_detected or [False] * len(batch)
+        flags = getattr(out, "nsfw_content_detected", None) or [False] * len(batch)  # SDXL has no checker
         for (p, i), image, flagged in zip(batch, out.images, flags, strict=True):
             name = image_name(p.uid, i)
             save_png_atomic(image, out_dir / name, expect(p, i))

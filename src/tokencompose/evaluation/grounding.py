@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.attention import AttentionCapture, select_layers
+from tokencompose.families import family_of
 from tokencompose.maps import phrase_maps
 
 Size = tuple[int, int]
@@ -106,9 +107,7 @@ def summarize(ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float
 
 
 def evaluate_grounding(
-    unet: Any,
-    vae: Any,
-    text_encoder: Any,
+    comps: Any,
     scheduler: Any,
     loader: Any,
     timesteps: Sequence[int] = (100, 300, 500),
@@ -117,7 +116,7 @@ def evaluate_grounding(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Grounding scores of a UNet over ``loader`` batches (``TokenDataset`` + ``collate``).
+    """Grounding scores of a model (``comps``: any family) over ``loader`` batches (``TokenDataset`` + ``collate``).
 
     The latent is the VAE posterior mean (deterministic); the noise of sample ``index`` at timestep ``t``
     comes from a CPU generator seeded by ``(seed, index, t)``, so scores do not depend on batch size or
@@ -125,16 +124,14 @@ def evaluate_grounding(
     Returns metrics per timestep and for the map averaged over timesteps (``"mean"``).
     """
     scores, _ = evaluate_grounding_groups(
-        unet, vae, text_encoder, scheduler, loader, {"all": layers}, timesteps, eval_size, thresholds, seed
+        comps, scheduler, loader, {"all": layers}, timesteps, eval_size, thresholds, seed
     )
     return scores["all"]
 
 
 @torch.inference_mode()
 def evaluate_grounding_groups(
-    unet: Any,
-    vae: Any,
-    text_encoder: Any,
+    comps: Any,
     scheduler: Any,
     loader: Any,
     groups: Mapping[str, Sequence[str]],
@@ -150,6 +147,7 @@ def evaluate_grounding_groups(
     :func:`evaluate_grounding` with ``layers=`` that selection. Returns ``({name: scores}, {layer: (h, w)})``
     (the spatial size of each captured layer at the last batch's latent size).
     """
+    unet, vae, family = comps.unet, comps.vae, family_of(comps)
     device, dtype = unet.device, unet.dtype
     scale = getattr(vae.config, "scaling_factor", 0.18215)
     names = {g: select_layers(unet, sel) for g, sel in groups.items()}
@@ -166,7 +164,7 @@ def evaluate_grounding_groups(
             valid = valid_phrases(batch["token_valid"], masks)
             pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
             latents = vae.encode(pixels).latent_dist.mean.float() * scale
-            emb = text_encoder(batch["input_ids"].to(device))[0].to(dtype)
+            cond = family.encode(comps, batch, tuple(pixels.shape[-2:]), dtype)
             tok_index, tok_valid = batch["token_index"].to(device), batch["token_valid"].to(device)
             per_t: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
             for t in timesteps:
@@ -178,7 +176,7 @@ def evaluate_grounding_groups(
                 ).to(device)
                 tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
-                unet(noisy, tt, encoder_hidden_states=emb)
+                unet(noisy, tt, **cond)
                 sizes.update({n: cap.size_of(n) for n in captured})
                 for g, ns in names.items():
                     per_t[g].append(phrase_score_maps(cap.by_size(ns), tok_index, tok_valid, size).cpu())

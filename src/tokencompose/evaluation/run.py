@@ -40,6 +40,7 @@ from tokencompose.evaluation.settings import (
     MultiGenSettings,
     ShardSettings,
 )
+from tokencompose.families import family_of
 from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory, resolve_device
 from tokencompose.typed_data import to_dict
 
@@ -239,7 +240,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
             DataLoader(ds, batch_size=s.batch_size, collate_fn=collate), desc="grounding", unit="batch", disable=None
         )
         scores = evaluate_grounding(
-            comps.unet, comps.vae, comps.text_encoder,
+            comps,
             DDPMScheduler.from_config(comps.scheduler.config),  # the training noise schedule
             loader, timesteps=s.timesteps, layers=s.layers, eval_size=(eval_size, eval_size),
             thresholds=s.thresholds, seed=s.seed,
@@ -286,7 +287,11 @@ def grounding_dataset(s: GroundingSettings, comps: Any, tmp: str) -> tuple[Any, 
         info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
     else:
         data, info = Path(s.data), {"source": s.data}
-    ds: Any = TokenDataset(data, comps.tokenizer, image_size=image_size, attention_sizes=[(eval_size, eval_size)])
+    family = family_of(comps)
+    ds: Any = TokenDataset(
+        data, family.index_tokenizer(comps), image_size=image_size, attention_sizes=[(eval_size, eval_size)],
+        text_inputs=family.tokenizers(comps),
+    )  # fmt: skip
     if s.limit:
         ds = Subset(ds, range(min(s.limit, len(ds))))
     return ds, {**info, "image_size": image_size, "eval_size": eval_size, "limit": s.limit}, image_size, eval_size

@@ -122,7 +122,7 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
         loader = tqdm(DataLoader(ds, batch_size=s.batch_size, collate_fn=collate), desc="probe", unit="batch",
                       disable=None)  # fmt: skip
         scores, sizes = evaluate_grounding_groups(
-            comps.unet, comps.vae, comps.text_encoder, scheduler, loader, {n: [n] for n in names},
+            comps, scheduler, loader, {n: [n] for n in names},
             timesteps=s.timesteps, eval_size=(eval_size, eval_size), thresholds=s.thresholds, seed=s.seed,
         )  # fmt: skip
     seconds = time.perf_counter() - start

@@ -40,7 +40,7 @@ from tokencompose.train.ema import EMA
 from tokencompose.train.metrics import MetricsWriter, RunningSums, peak_memory_gib, read_metrics
 from tokencompose.train.resume import RunLock, check_run_dir
 from tokencompose.train.runinfo import announce_run
-from tokencompose.train.step import LossTerm, LossWeights, NoiseSource, SDConditioner, StepOutput, training_step
+from tokencompose.train.step import Conditioner, LossTerm, LossWeights, NoiseSource, StepOutput, training_step
 from tokencompose.train.terms import build_terms
 from tokencompose.train.tracking import SampleGrid, check_trackers, log_row, sample_grid, start_trackers
 
@@ -117,7 +117,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     lora = cfg.train.lora.rank > 0
     image = (cfg.data.image_size, cfg.data.image_size)
     sizes = attention_sizes(image, comps.vae_scale_factor, len(comps.unet.config.block_out_channels))
-    dataset, collate = setup.build_dataset(cfg, comps.tokenizer, sizes)
+    dataset, collate = setup.build_dataset(cfg, comps, sizes)
     loader, sampler = build_loader(
         dataset,
         collate,
@@ -130,7 +130,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         pin_memory=device.type == "cuda",
     )
 
-    configured = build_terms(cfg, comps.unet, comps.text_encoder)
+    configured = build_terms(cfg, comps.unet)
     specs = tuple(t.to(device) for t in [*configured, *extra_terms] if t.weight != 0)  # weight 0: not in the step
     groups = [{"params": params, "weight_decay": cfg.optim.weight_decay}]
     groups += [g for t in specs for g in t.param_groups(cfg.optim.weight_decay)]
@@ -179,7 +179,9 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
             if weights.grounding:  # lambda = gamma = 0: no capturing processor at all
                 capture = stack.enter_context(
                     AttentionCapture(
-                        accelerator.unwrap_model(unet), cfg.loss.layers, sdpa_output=cfg.loss.capture_sdpa_output
+                        accelerator.unwrap_model(unet),
+                        setup.supervised_layers(cfg, comps),
+                        sdpa_output=cfg.loss.capture_sdpa_output,
                     )
                 )
             for t in specs:
@@ -227,10 +229,10 @@ class _Loop:
     capture: AttentionCapture | None = None
     terms: tuple[LossTerm, ...] = ()  # those with parameters DDP-wrapped when distributed
     sums: RunningSums = field(init=False, default_factory=RunningSums)
-    conditioner: SDConditioner = field(init=False)
+    conditioner: Conditioner = field(init=False)
 
     def __post_init__(self) -> None:
-        self.conditioner = SDConditioner(self.comps.text_encoder)
+        self.conditioner = Conditioner(self.comps, self.cfg.data.image_size)
 
     def optimizer_step(
         self, stream: Iterator[tuple[int, dict[str, Any]]], drops: DropCounter, epoch: int

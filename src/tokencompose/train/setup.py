@@ -15,8 +15,9 @@ from tokencompose.data.dataset import TokenDataset, collate
 from tokencompose.data.latents import LatentCache
 from tokencompose.data.shapes import make_shapes_dataset
 from tokencompose.errors import UserError
+from tokencompose.families import Family, family_of, resolve_family
 from tokencompose.loading import DTYPES
-from tokencompose.models import load_components, tiny_components, tiny_unet_config
+from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora
 
 log = logging.getLogger(__name__)
@@ -92,17 +93,27 @@ def weight_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def model_family(cfg: Config) -> Family:
+    """The family of ``cfg.model`` (``auto``: read from the folder; ``tiny`` is SD unless ``model.family`` says)."""
+    return resolve_family(cfg.model.family, cfg.model.path, cfg.model.revision)
+
+
 def load_models(cfg: Config) -> Any:
-    """Components for ``cfg.model`` (``tiny`` = tiny random-init SD seeded by ``train.seed``)."""
+    """Components for ``cfg.model`` (``tiny`` = tiny random-init model of the family, seeded by ``train.seed``)."""
     if cfg.model.path == "tiny":
-        comps = tiny_components(
+        comps = model_family(cfg).tiny(
             seed=cfg.train.seed, image_size=cfg.data.image_size, prediction_type=cfg.model.prediction_type or "epsilon"
         )
     else:
-        comps = load_components(cfg.model.path, revision=cfg.model.revision)
+        comps = load_components(cfg.model.path, revision=cfg.model.revision, family=cfg.model.family)
     if cfg.model.prediction_type:
         comps.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     return comps
+
+
+def supervised_layers(cfg: Config, comps: Any) -> list[str]:
+    """``loss.layers``, or the family's default set when it is null."""
+    return list(cfg.loss.layers) if cfg.loss.layers is not None else list(family_of(comps).default_layers)
 
 
 def check_layers(cfg: Config) -> None:
@@ -114,6 +125,8 @@ def check_layers(cfg: Config) -> None:
     """
     if cfg.loss.token_weight <= 0 and cfg.loss.pixel_weight <= 0:
         return  # no capture, the selection is unused
+    if cfg.loss.layers is None:
+        return  # the family's default set
     import json
 
     from accelerate import init_empty_weights
@@ -122,7 +135,7 @@ def check_layers(cfg: Config) -> None:
     path = Path(cfg.model.path).expanduser()
     try:
         if cfg.model.path == "tiny":
-            config = tiny_unet_config()
+            config = dict(model_family(cfg).tiny().unet.config)
         elif (path / "unet" / "config.json").is_file():
             config = json.loads((path / "unet" / "config.json").read_text())
         else:
@@ -138,6 +151,17 @@ def check_layers(cfg: Config) -> None:
         raise ConfigError("loss.layers", str(err)) from None
 
 
+def vae_dtype(part: Any, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, except float32 for a VAE whose config says ``force_upcast`` (SDXL's overflows in fp16).
+
+    bf16 has float32's range and is kept; the text encoders are never upcast.
+    """
+    if dtype == torch.float16 and getattr(getattr(part, "config", None), "force_upcast", False):
+        log.info("the VAE runs in float32 (force_upcast: it overflows in fp16); bf16 precision keeps it in bf16")
+        return torch.float32
+    return dtype
+
+
 def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str) -> list[torch.nn.Parameter]:
     """Freeze VAE and text encoder (cast to the half type under mixed precision), set up the UNet to train.
 
@@ -145,10 +169,10 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
     stay fp32: autocast computes in half precision, the optimizer updates fp32 master weights.
     """
     dtype = weight_dtype(precision)
-    for frozen in (comps.vae, comps.text_encoder):
+    for frozen in (comps.vae, *comps.text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(device) if dtype == torch.float32 else frozen.to(device, dtype=dtype)
+        frozen.to(device) if dtype == torch.float32 else frozen.to(device, dtype=vae_dtype(frozen, dtype))
     unet = comps.unet
     if cfg.train.lora.rank > 0:
         lora = cfg.train.lora
@@ -212,16 +236,18 @@ def check_latent_cache(cfg: Config, vae: Any) -> None:
     LatentCache(cfg.data.latent_cache).check(image_size=cfg.data.image_size, vae=vae, records=cfg.data.path)
 
 
-def build_dataset(cfg: Config, tokenizer: Any, sizes: list[tuple[int, int]]) -> tuple[Any, Any]:
-    """``(TokenDataset, collate)`` for ``cfg.data``."""
+def build_dataset(cfg: Config, comps: Any, sizes: list[tuple[int, int]]) -> tuple[Any, Any]:
+    """``(TokenDataset, collate)`` for ``cfg.data``, tokenized as the model's family needs."""
     path = Path(cfg.data.path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path: no training list at {path}")
+    family = family_of(comps)
     dataset = TokenDataset(
         str(path),
-        tokenizer,
+        family.index_tokenizer(comps),
         cfg.data.image_size,
         attention_sizes=sizes,
+        text_inputs=family.tokenizers(comps),
         latent_cache=cfg.data.latent_cache,
         flip=cfg.data.flip,
     )

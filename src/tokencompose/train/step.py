@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tokencompose.families import family_of
 from tokencompose.losses import denoise_loss, grounding_losses
 
 
@@ -70,20 +71,24 @@ class NoiseSource:
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
 
 
-class SDConditioner:
-    """SD 1.x / 2.x text conditioning: the CLIP text encoder's last hidden state ``[B, L, D]``.
+class Conditioner:
+    """A batch -> the denoiser's conditioning, by the model's family (frozen text encoders, no gradient).
 
-    The step passes the returned dict to the UNet as keyword arguments; SDXL adds a conditioner that
-    also returns ``added_cond_kwargs`` (pooled text embeddings, time ids) from its two encoders.
+    SD 1.x / 2.x: ``encoder_hidden_states`` ``[B, L, D]``; SDXL adds ``added_cond_kwargs`` (pooled text
+    embedding, size/crop time ids from the batch's ``original_size`` / ``crop_top_left``). The family also
+    gives the training target (:meth:`tokencompose.families.base.Family.target`).
     """
 
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
-        self.text_encoder = text_encoder
+    def __init__(self, comps: Any, image_size: int) -> None:
+        self.comps = comps
+        self.family = family_of(comps)
+        self.image_size = (int(image_size), int(image_size))
 
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids = batch["input_ids"].to(self.text_encoder.device)
-        return {"encoder_hidden_states": self.text_encoder(ids)[0]}
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.family.encode(self.comps, batch, self.image_size)
+
+    def target(self, scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.family.target(scheduler, latents, eps, t)
 
 
 @dataclass
@@ -94,7 +99,7 @@ class StepContext:
     latents: torch.Tensor  # [B, 4, h, w] clean, scaled
     noisy: torch.Tensor  # [B, 4, h, w]
     timesteps: torch.Tensor  # [B]
-    cond: dict[str, torch.Tensor]  # UNet keyword arguments (encoder_hidden_states [B, L, D], ...)
+    cond: dict[str, Any]  # UNet keyword arguments (encoder_hidden_states [B, L, D], added_cond_kwargs, ...)
     model_pred: torch.Tensor  # [B, 4, h, w]
     maps: dict[tuple[int, int], list[torch.Tensor]] | None  # captured [B, H, N, L] by size, or None
 
@@ -159,18 +164,6 @@ def batch_latents(vae: Any, batch: dict[str, Any], noise: NoiseSource, device: t
     return z * vae.config.scaling_factor
 
 
-def prediction_target(scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon), the velocity (v) or the clean latents (sample)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return eps
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, eps, t)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 def _size_key(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
@@ -178,7 +171,7 @@ def _size_key(size: tuple[int, int]) -> str:
 def training_step(
     unet: torch.nn.Module,
     vae: Any,
-    conditioner: SDConditioner,
+    conditioner: Conditioner,
     scheduler: Any,
     batch: dict[str, Any],
     weights: LossWeights,
@@ -204,7 +197,7 @@ def training_step(
         token_index = batch["token_index_in_columns"]
     pred = unet(noisy, t, **cond).sample
 
-    per = {"denoise": denoise_loss(pred, prediction_target(scheduler, latents, eps, t))}
+    per = {"denoise": denoise_loss(pred, conditioner.target(scheduler, latents, eps, t))}
     parts: dict[str, torch.Tensor] = {}
     maps = None
     if weights.grounding:

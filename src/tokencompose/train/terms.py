@@ -69,8 +69,8 @@ class RoiTerm(LossTerm):
         self.head.save(folder)  # roi_head.safetensors beside the UNet
 
 
-def build_terms(cfg: Config, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[LossTerm]:
-    """The extra terms whose weight is > 0."""
+def build_terms(cfg: Config, unet: torch.nn.Module) -> list[LossTerm]:
+    """The extra terms whose weight is > 0 (the text side is the UNet's context, ``cross_attention_dim`` wide)."""
     terms: list[LossTerm] = []
     if cfg.loss.roi_weight > 0:
         # Seeded on its own so that turning the term on does not shift any other random stream.
@@ -78,7 +78,7 @@ def build_terms(cfg: Config, unet: torch.nn.Module, text_encoder: torch.nn.Modul
             torch.manual_seed(cfg.train.seed)
             head = RoiAlignmentHead.for_unet(
                 unet,
-                text_encoder.config.hidden_size,
+                unet.config.cross_attention_dim,
                 block=cfg.loss.roi_block,
                 embed_dim=cfg.loss.roi_embed_dim,
                 symmetric=cfg.loss.roi_symmetric,

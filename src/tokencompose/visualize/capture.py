@@ -4,8 +4,9 @@ Three entry points, all deterministic for given seeds:
 
 - :func:`generate_with_attention`: text -> image with the diffusers pipeline, capturing cross-attention
   after every denoising step whose timestep lies in a range (the conditional half of the CFG batch);
-- :func:`image_attention`: an existing image + caption, noised to fixed noise levels with a fixed seed,
-  one UNet forward each (what the mask comparisons use, so every model sees the same noisy latents);
+- :func:`image_attention`: an existing image + caption (any family's conditioning), noised to fixed
+  noise levels with a fixed seed, one UNet forward each (what the mask comparisons use, so every
+  model sees the same noisy latents);
 - :func:`seed_images`: plain generation for grids, one image per seed (the MultiGen folder writer is
   :func:`tokencompose.evaluation.generation.generate_images`).
 
@@ -15,7 +16,7 @@ Shapes: ``B`` batch, ``L`` text tokens; per-resolution maps are ``{(h, w): [B, L
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from tokencompose.attention import AttentionCapture
+from tokencompose.families import family_of
 from tokencompose.loading import default_image_size, make_scheduler, pipeline_from_components
 from tokencompose.visualize.aggregate import Size, TimestepAccumulator
 
@@ -132,32 +134,38 @@ def _uint8(image: np.ndarray) -> np.ndarray:
 def image_attention(
     comps: Any,
     pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    captions: Sequence[str],
     noise_levels: Sequence[int] = (400,),
     seed: int = 0,
     layers: Sequence[str] = ("mid", "up"),
     sizes: Sequence[Size] | None = None,
     device: torch.device | str = "cpu",
+    geometry: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[Size, torch.Tensor]:
-    """Attention of a model on real images: ``pixel_values [B, 3, S, S]`` in [-1, 1], ``input_ids [B, L]``.
+    """Attention of a model on real images: ``pixel_values [B, 3, S, S]`` in [-1, 1], one caption each.
 
     Latents are the VAE posterior means, noised with ``randn(seed)`` at each noise level (same noise
-    for every model, so models are compared on identical inputs). Returns ``{(h, w): [B, L, h, w]}``
-    averaged over the noise levels.
+    for every model, so models are compared on identical inputs). ``geometry``: the batch's
+    ``original_size`` / ``crop_top_left`` ``[B, 2]`` for families that condition on them (SDXL); default
+    an uncropped image at ``S``. Returns ``{(h, w): [B, L, h, w]}`` averaged over the noise levels.
     """
-    unet, vae, text_encoder = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
+    unet, vae = comps.unet.to(device), comps.vae.to(device)
+    for encoder in comps.text_encoders:
+        encoder.to(device)
+    family = family_of(comps)
     dtype = next(unet.parameters()).dtype
     px = pixel_values.to(device, vae.dtype)
     latents = vae.encode(px).latent_dist.mean * vae.config.scaling_factor
     gen = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
-    text = text_encoder(input_ids.to(device))[0].to(dtype)
+    text = {**family.tokenize(comps, list(captions)), **(geometry or {})}
+    cond = family.encode(comps, text, tuple(px.shape[-2:]), dtype)
     acc = TimestepAccumulator(sizes)
     with AttentionCapture(unet, layers=layers) as cap:
         for level in noise_levels:
             t = torch.full((latents.shape[0],), int(level), device=device, dtype=torch.long)
             noisy = comps.scheduler.add_noise(latents, noise, t)
-            unet(noisy.to(dtype), t, text)
+            unet(noisy.to(dtype), t, **cond)
             acc.add(cap.by_size())
     return acc.mean()
 

@@ -19,8 +19,8 @@ import torch
 from tokencompose.atomic import write_json_atomic
 from tokencompose.data.dataset import TokenDataset, collate
 from tokencompose.data.images import load_image
+from tokencompose.families import family_of
 from tokencompose.loading import ModelSettings, default_image_size, load_model, release_memory
-from tokencompose.tokens import input_ids
 from tokencompose.train.curves import plot_loss_curves
 from tokencompose.train.metrics import read_metrics
 from tokencompose.visualize import aggregate as agg
@@ -107,7 +107,9 @@ def attention_from_prompt(
     )
     log.info("attention averaged over %d steps (timesteps %s..%s)", len(used), used[-1], used[0])
     title = f"{label + ': ' if label else ''}{prompt} (seed {seed})"
-    fig = _word_figure(image, maps, comps.tokenizer, prompt, resolutions, words, special, merge, cmap, title)
+    fig = _word_figure(
+        image, maps, family_of(comps).index_tokenizer(comps), prompt, resolutions, words, special, merge, cmap, title
+    )
     file = save_png(fig, out / f"attention_{slug(label + '_' + prompt if label else prompt)}_s{seed}.png", dpi)
     add_to_manifest(out, "attention", file, title, prompt=prompt, seed=seed, timesteps=used)
     return file
@@ -134,12 +136,11 @@ def attention_from_image(
     """Per-word attention of an existing image + caption, noised at ``noise_levels`` with ``seed``."""
     size = size or default_image_size(comps)
     px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
-    maps = capture.image_attention(
-        comps, px[None], input_ids(comps.tokenizer, [caption]), noise_levels, seed, layers, None, device
-    )
+    maps = capture.image_attention(comps, px[None], [caption], noise_levels, seed, layers, None, device)
     title = f"{label + ': ' if label else ''}{caption} (t={','.join(map(str, noise_levels))}, seed {seed})"
     image = capture.to_uint8_image(px)
-    fig = _word_figure(image, maps, comps.tokenizer, caption, resolutions, words, special, merge, cmap, title)
+    tokenizer = family_of(comps).index_tokenizer(comps)
+    fig = _word_figure(image, maps, tokenizer, caption, resolutions, words, special, merge, cmap, title)
     name = f"attention_{slug((label + '_' if label else '') + Path(image_path).stem + '_' + caption)}_s{seed}.png"
     file = save_png(fig, out / name, dpi)
     add_to_manifest(out, "attention", file, title, caption=caption, image=str(image_path), seed=seed)
@@ -167,7 +168,7 @@ def mask_comparisons(
     """
     first = load_model(models[0][1])
     size = size or default_image_size(first)
-    ds = TokenDataset(data, first.tokenizer, size, attention_sizes=[(size, size)])
+    ds = TokenDataset(data, family_of(first).index_tokenizer(first), size, attention_sizes=[(size, size)])
     idx = list(indices) if indices else list(range(min(num, len(ds))))
     batch = collate([ds[i] for i in idx])
     masks = batch["masks"][(size, size)].reshape(len(idx), -1, size, size)  # [B, P, S, S]
@@ -177,16 +178,16 @@ def mask_comparisons(
     for k, (label, settings) in enumerate(models):
         if k > 0:
             comps = load_model(settings)
+        geometry = {k: batch[k] for k in ("original_size", "crop_top_left")}
         maps = capture.image_attention(
-            comps, batch["pixel_values"], input_ids(comps.tokenizer, batch["captions"]), noise_levels, seed, layers,
-            None, device,
-        )  # fmt: skip
+            comps, batch["pixel_values"], batch["captions"], noise_levels, seed, layers, None, device, geometry
+        )
         chosen = agg.select_sizes(maps, resolutions)
         combined = agg.upsample(agg.combine_resolutions({s: maps[s] for s in chosen}), (size, size))
         # Phrase positions from this model's own tokenizer (a model may tokenize differently).
         pm = torch.zeros(len(idx), masks.shape[1], size, size)
         for b, (caption, phrases) in enumerate(zip(batch["captions"], batch["phrases"], strict=True)):
-            for w in agg.phrase_words(comps.tokenizer, caption, phrases):
+            for w in agg.phrase_words(family_of(comps).index_tokenizer(comps), caption, phrases):
                 pm[b, phrases.index(w.text)] = agg.word_maps(combined[b : b + 1], [w])[0, 0]  # the phrase map (sum)
         scores[label] = agg.mass_in_mask(pm, masks)
         per_model[label] = agg.normalize(pm)

@@ -117,7 +117,7 @@ def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, capsys):
         raise AssertionError("a model was loaded before the config was validated")
 
     monkeypatch.setattr(setup, "load_components", boom)
-    monkeypatch.setattr(setup, "tiny_components", boom)
+    monkeypatch.setattr(setup, "model_family", boom)  # tiny models are built by their family
     heavy_before = "tokencompose.train.loop" in sys.modules
     assert main(["train", "shapes_tiny", "train.nan_policy=ignore"]) == 2
     assert "train.nan_policy" in capsys.readouterr().err

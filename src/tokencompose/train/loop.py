@@ -162,10 +162,12 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     ckpt.clean_partial()
     resumed = ckpt.resume()  # the newest readable checkpoint (warns about unreadable newer ones)
     if resumed is not None:
-        log.info("resumed from %s at step %d", resumed, state.step)
+        log.info("resumed from %s at step %d", resumed, state.step,
+                     comps.family)  # fmt: skip
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     if main:
-        announce_run(cfg, accelerator, precision, global_batch, sum(p.numel() for p in trainable), resumed, state.step)
+        announce_run(cfg, accelerator, precision, global_batch, sum(p.numel() for p in trainable), resumed, state.step,
+                     comps.family)  # fmt: skip
     samples = sample_grid(accelerator, cfg, accelerator.unwrap_model(unet), comps, dataset)
     start_trackers(accelerator, cfg, state.step, samples.prompts if samples else ())
 

@@ -82,6 +82,7 @@ def announce_run(
     trainable: int,
     resumed: Path | None,
     step: int,
+    family: str = "sd",
 ) -> None:
     """Write config.yaml and manifest.json, warn about config changes since the last start, log the plan.
 
@@ -99,12 +100,14 @@ def announce_run(
         "trainable_parameters": trainable,
         "resumed_from": str(resumed) if resumed else None,
         "resumed_step": step,
+        "family": family,
     }
     write_manifest(run_dir, cfg, info)
     log.info(
-        "training %s from %s: %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
+        "training %s of %s (%s): %d steps, effective batch %d (%d x %d accumulation x %d processes), %s on %s",
         "LoRA adapters" if cfg.train.lora.rank > 0 else "the full UNet",
         cfg.model.path,
+        family,
         cfg.train.max_steps,
         global_batch,
         cfg.train.batch_size,

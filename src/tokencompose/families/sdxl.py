@@ -4,8 +4,11 @@ Conditioning (Podell et al. 2023, sec. 2.1-2.2), as diffusers' ``StableDiffusion
 
 - context ``c = [h1 ; h2]`` ``[B, 77, 768 + 1280]``: the **penultimate** hidden states of CLIP ViT-L
   (encoder 1) and OpenCLIP ViT-bigG (encoder 2), concatenated on channels. The two tokenizers share
-  CLIP's BPE (same ids, same positions) and differ only in padding (end-of-text vs ``"!"``), so both
-  encoders see one 77-position index space: phrase spans come from tokenizer 1 and hold for both.
+  CLIP's BPE and pad differently (end-of-text vs ``"!"``, id 0). Stock tokenizer 2 also reads every
+  ``"!"`` *in* a caption as that pad token (diffusers#4153; OpenCLIP itself does not): the ids differ at
+  a ``"!"``, and positions shift after ``"!!"`` or ``"?!"`` (one BPE token for tokenizer 1, two for 2).
+  Without ``"!"`` both encoders see one 77-position index space. Phrase spans come from tokenizer 1
+  (the maps' columns); encoder 2 gets what the stock pipeline feeds it at inference.
 - ``text_embeds`` ``[B, 1280]``: encoder 2's projected pooled output;
 - ``time_ids`` ``[B, 6]``: (original height, width, crop top, left, target height, width), taken from
   the data pipeline's real resize and crop (sec. 2.2 "size- and crop-conditioning").

@@ -359,6 +359,19 @@ def test_dataset_reports_original_size_and_crop_that_match_its_pixels(xl, tmp_pa
     assert torch.equal(batch["input_ids_2"], FAMILY.tokenize(xl, [record.caption] * 2)["input_ids_2"])
 
 
+def test_a_phrase_the_two_tokenizers_place_differently_is_dropped(xl, tmp_path):
+    """After "?!" tokenizer 2 (which reads "!" as its pad token) shifts every position by one: a phrase there
+    has no column of its own in the concatenated context, so it is dropped and counted; one before it is kept."""
+    base = _image(tmp_path, 64, 64)
+    mask = base.phrases[0].mask
+    record = R.Record(base.image, "a parrot?! a cat", [R.Phrase("parrot", mask), R.Phrase("cat", mask)])
+    xl_ds = TokenDataset([record], xl.tokenizer, 32, attention_sizes=[(32, 32)], text_inputs=FAMILY.tokenizers(xl))
+    sample = xl_ds[0]
+    assert sample["phrases"] == ["parrot"] and sample["dropped"] == [R.SPAN_DIFFERS]
+    sd_ds = TokenDataset([record], xl.tokenizer, 32, attention_sizes=[(32, 32)])  # one tokenizer: nothing differs
+    assert sd_ds[0]["phrases"] == ["parrot", "cat"] and sd_ds[0]["dropped"] == []
+
+
 # -- 7. family detection ----------------------------------------------------------------------------------
 def test_detect_family_from_folders_and_names(xl_dir, model_dir, tmp_path):
     assert json.loads((xl_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"

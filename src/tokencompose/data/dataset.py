@@ -165,6 +165,13 @@ class TokenDataset(torch.utils.data.Dataset):
                 reason = R.BEYOND_TOKEN_WINDOW if found is not None else R.PHRASE_NOT_IN_CAPTION
                 R.note_drop(dropped, reason, "dropping phrase %r of %s: %s", ph.text, rec.image, reason)
                 continue
+            if any(
+                phrase_token_positions(tok, rec.caption, ph.text, self.max_length) != pos
+                for key, tok in self.text_inputs.items()
+                if tok is not self.tokenizer
+            ):
+                R.note_drop(dropped, R.SPAN_DIFFERS, "dropping phrase %r of %s: %s", ph.text, rec.image, R.SPAN_DIFFERS)
+                continue
             mask = self._load_mask(ph.mask, (width, height), geom, dropped)
             if mask is None:
                 continue

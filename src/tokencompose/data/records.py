@@ -44,6 +44,9 @@ BAD_BOX = "bad_box"  # NaN/inf or empty box: the phrase keeps its mask, its box 
 EMPTY_MASK = "empty_mask_after_crop"
 PHRASE_NOT_IN_CAPTION = "phrase_not_in_caption"
 BEYOND_TOKEN_WINDOW = "phrase_beyond_token_window"
+# The model's text encoders place the phrase at different positions (SDXL's tokenizer 2 reads a "!" in
+# the caption as its pad token, so "?!" shifts what follows by one): no column holds only the phrase.
+SPAN_DIFFERS = "phrase_span_differs_between_tokenizers"
 DUPLICATE_PHRASE = "duplicate_phrase"
 NO_USABLE_PHRASE = "no_usable_phrase"  # the sample is kept for the denoising loss only
 MISSING_LATENT = "missing_latent"
@@ -66,6 +69,7 @@ ALL_REASONS: tuple[str, ...] = (
     EMPTY_MASK,
     PHRASE_NOT_IN_CAPTION,
     BEYOND_TOKEN_WINDOW,
+    SPAN_DIFFERS,
     DUPLICATE_PHRASE,
     NO_USABLE_PHRASE,
     MISSING_LATENT,
@@ -76,8 +80,9 @@ RECORD_DROPS = frozenset(
 )
 # Counts that describe the data as the format allows it, not a broken input (see ``prepare official``).
 INFORMATIONAL = frozenset(
-    {MASK_RESIZED, NULL_MASK, NO_USABLE_PHRASE, DUPLICATE_PHRASE, PHRASE_NOT_IN_CAPTION, BEYOND_TOKEN_WINDOW}
-)
+    {MASK_RESIZED, NULL_MASK, NO_USABLE_PHRASE, DUPLICATE_PHRASE, PHRASE_NOT_IN_CAPTION, BEYOND_TOKEN_WINDOW,
+     SPAN_DIFFERS}
+)  # fmt: skip
 
 _warned: set[str] = set()  # reasons already warned about in this process
 

@@ -8,7 +8,8 @@ Conditioning (Podell et al. 2023, sec. 2.1-2.2), as diffusers' ``StableDiffusion
   ``"!"`` *in* a caption as that pad token (diffusers#4153; OpenCLIP itself does not): the ids differ at
   a ``"!"``, and positions shift after ``"!!"`` or ``"?!"`` (one BPE token for tokenizer 1, two for 2).
   Without ``"!"`` both encoders see one 77-position index space. Phrase spans come from tokenizer 1
-  (the maps' columns); encoder 2 gets what the stock pipeline feeds it at inference.
+  (the maps' columns); encoder 2 gets what the stock pipeline feeds it at inference, and a phrase the
+  two tokenizers place differently is dropped by the dataset (``phrase_span_differs_between_tokenizers``).
 - ``text_embeds`` ``[B, 1280]``: encoder 2's projected pooled output;
 - ``time_ids`` ``[B, 6]``: (original height, width, crop top, left, target height, width), taken from
   the data pipeline's real resize and crop (sec. 2.2 "size- and crop-conditioning").

@@ -1,6 +1,6 @@
 """SDXL end to end on tiny random-init models (CPU, offline): what the SD tests check, for the second family.
 
-Resume after kill -9 is bit-exact, two gloo processes equal one with the global batch, stock diffusers
+(Resume after kill -9 and two-process DDP are the SD tests, parametrized over the families.) Stock diffusers
 loads a trained full UNet and a trained LoRA (alpha != rank) as the trained model, ``export`` writes a
 folder stock ``DiffusionPipeline`` runs as ``StableDiffusionXLPipeline``, the layer probe has one row per
 cross-attention layer, the SDXL presets run, and ``generate`` / ``evaluate grounding`` take an SDXL model.
@@ -9,21 +9,14 @@ cross-attention layer, the SDXL presets run, and ``generate`` / ``evaluate groun
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tokencompose.config import dump_yaml, load_config
-from tokencompose.train.checkpoint import list_checkpoints
-from train_util import THREADS_ENV, config_dict, load_unet_weights, make_data
+from tokencompose.config import load_config
+from train_util import config_dict, make_base, make_data
 
 QUIET = ["log.curves=false", "log.tensorboard=false"]
 LORA = ["train.lora.rank=4", "train.lora.alpha=8"]  # scale alpha / rank = 2: the export must fold it
@@ -55,11 +48,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base(root: Path) -> Path:
     """The tiny SDXL model saved in diffusers layout: the base every test trains from or loads."""
-    from tokencompose.families import get_family
-
-    path = root / "base"
-    get_family("sdxl").tiny(seed=0).save(path)
-    return path
+    return make_base(root, "sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -101,107 +90,8 @@ def lora_ckpt(base: Path, data: Path, root: Path) -> tuple[Path, torch.Tensor, t
     return ckpt, xl_unet_output(unet), before
 
 
-# -- 1. resume -------------------------------------------------------------------------------------------
-
-
-def _cli(config_path: Path, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, **THREADS_ENV, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "tokencompose.cli", "train", str(config_path)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "peak_mem_gib")} for r in rows]
-
-
-def test_kill9_and_rerun_resumes_bit_exact(base: Path, tmp_path: Path) -> None:
-    from tokencompose.train import train
-
-    max_steps = 6
-    data = make_data(tmp_path, num=6)
-    # 6 samples, batch 2, 2 micro-batches a step: checkpoints fall mid-epoch; flips are random.
-    overrides = [f"train.max_steps={max_steps}", "train.grad_accum=2", "data.flip=true", "checkpoint.every=2",
-                 "checkpoint.keep_last=2", "log.every=1", *QUIET]  # fmt: skip
-    reference = train(load_config(config_dict(base, data, tmp_path / "reference"), overrides))
-
-    run_dir = tmp_path / "killed"
-    config_path = tmp_path / "killed.yaml"
-    config_path.write_text(dump_yaml(load_config(config_dict(base, data, run_dir), overrides)))
-    proc = _cli(config_path, tmp_path)
-    deadline = time.monotonic() + 120
-    while not list_checkpoints(run_dir / "checkpoints"):
-        assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert max(s for s, _ in list_checkpoints(run_dir / "checkpoints")) < max_steps, "finished before the kill"
-
-    proc = _cli(config_path, tmp_path)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert "resumed from" in out
-
-    final = list_checkpoints(run_dir / "checkpoints")[-1]
-    assert final[0] == max_steps
-    got, want = load_unet_weights(final[1]), load_unet_weights(reference.checkpoint)
-    assert not _weights_equal(want, load_unet_weights(base)), "the reference did not train"
-    assert _weights_equal(got, want), "resumed weights differ from an uninterrupted run"
-    # Losses equal step for step: data order, flips, noise, timesteps and the SDXL conditioning resumed exactly.
-    assert len(_rows(run_dir)) == max_steps and _rows(run_dir) == _rows(reference.run_dir)
-
-
-# -- 2. DDP ----------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss/total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_process_update_equals_one_process_with_the_global_batch(base: Path, data: Path, tmp_path: Path) -> None:
-    from tokencompose.train import train
-
-    # AdamW with a huge eps is linear in the gradient for its first step: a wrong loss reduction changes the
-    # update (see test_train_ddp.py); no weight decay or clipping to hide it.
-    common = ["train.max_steps=2", "optim.lr=1e-1", "optim.eps=10", "optim.weight_decay=0", "optim.max_grad_norm=0",
-              *QUIET]  # fmt: skip
-    one = train(load_config(config_dict(base, data, tmp_path / "one"), [*common, "train.batch_size=4"]))
-
-    two_dir = tmp_path / "two"
-    cfg_path = tmp_path / "two.yaml"
-    cfg_path.write_text(dump_yaml(load_config(config_dict(base, data, two_dir), [*common, "train.batch_size=2"])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tokencompose.cli", "train", str(cfg_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **THREADS_ENV}, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    manifest = json.loads((two_dir / "manifest.json").read_text())
-    assert manifest["num_processes"] == 2 and manifest["effective_batch"] == 4
-
-    w0 = load_unet_weights(base)
-    w1 = load_unet_weights(one.checkpoint)
-    w2 = load_unet_weights(two_dir / "checkpoints" / "step-00000002")
-    assert w0.keys() == w1.keys() == w2.keys()
-    d1 = torch.cat([(w1[k] - w0[k]).flatten() for k in w0])
-    d2 = torch.cat([(w2[k] - w0[k]).flatten() for k in w0])
-    assert d1.abs().max() > 1e-4  # a real update
-    # The SDXL-only weights (pooled-text + time-id embedding) train too, and agree across the processes.
-    add = [k for k in w0 if k.startswith("add_embedding.")]
-    assert add and all(not torch.equal(w1[k], w0[k]) for k in add)
-    err = float((d2 - d1).abs().max() / d1.abs().max())
-    assert err < 1e-4, err
-    assert float((d2 - d1).norm() / d1.norm()) < 1e-4
-    assert _losses(two_dir) == pytest.approx(_losses(one.run_dir), rel=1e-5)
-
+# Resume (kill -9) and 2-process DDP run for SDXL as for SD: tests/test_train_resume.py, tests/test_train_ddp.py
+# (parametrized over the families).
 
 # -- 3. stock diffusers loads what we trained ------------------------------------------------------------
 

@@ -25,10 +25,11 @@ def _losses(run_dir):
     return [json.loads(line)["loss/total"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_update_equals_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_two_process_update_equals_one_process_with_the_global_batch(tmp_path, family):
     from tokencompose.train import train
 
-    base, data = make_base(tmp_path), make_data(tmp_path, num=8)
+    base, data = make_base(tmp_path, family), make_data(tmp_path, num=8)
     # AdamW with a huge eps is linear in the gradient (update ~ lr * g / eps) for its first step, so a
     # wrong loss reduction (a sum, or a per-process mean scaled by the process count) changes the update;
     # no weight decay or clipping to hide it.
@@ -53,6 +54,9 @@ def test_two_process_update_equals_one_process_with_the_global_batch(tmp_path):
     d1 = torch.cat([(w1[k] - w0[k]).flatten() for k in w0])
     d2 = torch.cat([(w2[k] - w0[k]).flatten() for k in w0])
     assert d1.abs().max() > 1e-4  # a real update
+    if family == "sdxl":  # its pooled-text + time-id embedding trains too
+        add = [k for k in w0 if k.startswith("add_embedding.")]
+        assert add and all(not torch.equal(w1[k], w0[k]) for k in add)
     # Equal up to float rounding of the gradient all-reduce (a wrong reduction is off by a factor of ~2).
     err = float((d2 - d1).abs().max() / d1.abs().max())
     assert err < 1e-4, err

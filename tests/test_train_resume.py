@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tokencompose.config import dump_yaml, load_config
@@ -28,10 +29,11 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill9_and_rerun_resumes_bit_exact(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_kill9_and_rerun_resumes_bit_exact(tmp_path, family):
     from tokencompose.train import train
 
-    base, data = make_base(tmp_path), make_data(tmp_path, num=6)
+    base, data = make_base(tmp_path, family), make_data(tmp_path, num=6)
     # 6 samples, batch 2, 2 micro-batches per step: checkpoints fall mid-epoch; flips are random.
     overrides = [f"train.max_steps={MAX_STEPS}", "train.grad_accum=2", "data.flip=true", "checkpoint.every=2",
                  "checkpoint.keep_last=2", "log.every=1", "log.curves=false", "log.tensorboard=false"]  # fmt: skip
@@ -62,8 +64,11 @@ def test_kill9_and_rerun_resumes_bit_exact(tmp_path):
     assert final[0] == MAX_STEPS
     got, want = load_unet_weights(final[1]), load_unet_weights(reference.checkpoint)
     assert got.keys() == want.keys()
+    base_weights = load_unet_weights(base)
+    assert not all(torch.equal(base_weights[k], want[k]) for k in want), "the reference did not train"
     assert all(torch.equal(got[k], want[k]) for k in want), "resumed weights differ from an uninterrupted run"
-    # The logged losses match step for step, so data order, flips, noise and timesteps resumed exactly.
+    # The logged losses match step for step, so data order, flips, noise, timesteps and (SDXL) the size/crop
+    # conditioning resumed exactly.
     assert _strip_timing(_rows(run_dir)) == _strip_timing(_rows(reference.run_dir))
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 

@@ -16,13 +16,13 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def make_base(root: Path) -> Path:
-    """Tiny random-init SD-shaped model saved in diffusers layout (trained from like a real checkpoint)."""
-    from tokencompose.models import tiny_components
+def make_base(root: Path, family: str = "sd") -> Path:
+    """Tiny random-init model of ``family`` (sd | sdxl) saved in diffusers layout (trained from like a real one)."""
+    from tokencompose.families import get_family
 
-    path = root / "base"
+    path = root / ("base" if family == "sd" else f"base_{family}")
     if not path.exists():
-        tiny_components(seed=0).save(path)
+        get_family(family).tiny(seed=0).save(path)
     return path
 
 

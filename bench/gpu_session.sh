@@ -13,6 +13,8 @@
 # Steps run in order of importance, each under its own time limit; after every step all JSON so far is
 # merged into $OUT/results.json (beside $OUT/session.log), so a step cut short keeps the rows it
 # measured. Dry run on a CPU, tiny models, a few minutes: TINY=1 OUT=/tmp/gpu_out bash bench/gpu_session.sh
+# SDXL only (its two steps, ~4.5 minutes at most; the rest of a 15-minute session for the machine's start):
+#   STEPS="train_step_sdxl train_step_sdxl_lora" bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -35,6 +37,7 @@ if [ "${TINY:-0}" = 1 ]; then  # CPU dry run: every step, tiny sizes
     STEP="--tiny"; LOOP="--tiny"; LOSS="--tiny"; GEN="--tiny --prompts 1 --images-per-prompt 2 --steps 2"
     STEP_ARGS="$STEP"; CKPT_ARGS="$STEP --grad-ckpt --ckpt-only --no-paper"; COMPILE_ARGS="$STEP --compile-only --no-paper"
     COLUMNS_ARGS="$STEP --columns --no-paper"; SDPA_ARGS="$STEP --sdpa-output --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
+    SDXL_ARGS="$STEP --arch sdxl --grad-ckpt"; SDXL_LORA_ARGS="$STEP --arch sdxl --lora 4 --grad-ckpt"
 else
     LOOP="--batch 32 --steps 48 --images 256 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 2 --images-per-prompt 4 --batch-size 8"
     STEP_ARGS="--batch 1 8 32 64 --steps 8 --warmup 2"
@@ -43,6 +46,11 @@ else
     COLUMNS_ARGS="--batch 32 --columns --no-paper --steps 8 --warmup 2"
     SDPA_ARGS="--batch 32 --sdpa-output --no-paper --steps 8 --warmup 2"
     COMPILE_CKPT_ARGS="--batch 32 --compile-only --grad-ckpt --ckpt-only --no-paper --steps 5 --warmup 2"
+    # SDXL base 1.0 architecture at 1024 px: full fine-tune at batch 1 and 2, with and without checkpointing
+    # (8 rows); LoRA rank 128 at batch 8 (the sdxl_coco_lora preset), with and without checkpointing. Each
+    # --budget-s stops starting rows well inside its step's limit, so the table is printed and kept.
+    SDXL_ARGS="--arch sdxl --precision bf16 --batch 1 2 --grad-ckpt --steps 6 --warmup 2 --budget-s 100"
+    SDXL_LORA_ARGS="--arch sdxl --precision bf16 --lora 128 --batch 8 --grad-ckpt --steps 5 --warmup 2 --budget-s 70"
 fi
 
 BUDGET=${BUDGET:-570}  # seconds for the whole session; a step gets at most what is left of it
@@ -71,6 +79,10 @@ PY
 step train_step 120 python3 bench/train_step.py $STEP_ARGS --json "$JSON/train_step.json"
 # batch 8 (and 32) with gradient checkpointing: the 24 GiB target.
 step train_step_ckpt 50 python3 bench/train_step.py $CKPT_ARGS --json "$JSON/train_step_ckpt.json"
+# SDXL (bench/RESULTS.md, "SDXL"): full fine-tune at 1024 px (target: fits 80 GB with checkpointing) and
+# LoRA rank 128 at batch 8 (target: fits 80 GB); peak GiB per row, (c) not run for SDXL.
+step train_step_sdxl 150 python3 bench/train_step.py $SDXL_ARGS --json "$JSON/train_step_sdxl.json"
+step train_step_sdxl_lora 120 python3 bench/train_step.py $SDXL_LORA_ARGS --json "$JSON/train_step_sdxl_lora.json"
 # torch.compile + channels-last at batch 32: the >= 150 samples/s target (compilation takes most of it).
 step train_step_compile 160 python3 bench/train_step.py $COMPILE_ARGS --json "$JSON/train_step_compile.json"
 # the real loop on cached latents vs the bare step (<= 5% gap).

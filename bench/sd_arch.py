@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.4 / 2.1 architectures with random weights, for benchmarks that need no download.
+"""The Stable Diffusion 1.4 / 2.1 / XL architectures with random weights, for benchmarks that need no download.
 
 Throughput and memory depend on the architecture and the tensor sizes, not on the weights, so a
 random-init model of the real shapes measures what the real checkpoint would (its images are noise).
@@ -21,6 +21,30 @@ SD14: dict[str, Any] = dict(
 SD21: dict[str, Any] = dict(
     SD14, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
 )
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json; 2.57B parameters, 1024 px). Written
+# from the published config, not downloaded; every other argument is diffusers' default, as in that file.
+# attention_head_dim holds the number of heads (head width 64); the mid block has the last level's 10
+# transformer layers. Cross-attention layers: down 2*1 + 2*10, mid 10, up 3*10 + 3*2 (70; mid + up: 46).
+# Context: CLIP ViT-L and OpenCLIP bigG penultimate states, 768 + 1280 = 2048 wide; added conditioning:
+# the pooled bigG embedding (1280) and 6 time ids embedded at 256 each (1280 + 6 * 256 = 2816).
+SDXL: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+ARCHS: dict[str, dict[str, Any]] = {"sd14": SD14, "sd21": SD21, "sdxl": SDXL}
+FAMILIES: dict[str, str] = {"sd14": "sd", "sd21": "sd", "sdxl": "sdxl"}  # tokencompose.families name of each
 
 
 def sd14_components(seed: int = 0):

@@ -213,7 +213,7 @@ def test_index_is_compact(tmp_path, tok):
     ds = TokenDataset(tmp_path / "metadata.jsonl", tok, image_size=32)
     assert len(ds) == 5000 and ds.source.offsets.nbytes == 8 * 5000
     # What workers receive: offsets, not parsed rows (tokenizers excluded, they are shared anyway).
-    state = dict(ds.__dict__, tokenizer=None, text_inputs=None)
+    state = dict(ds.__dict__, tokenizer=None, text_inputs=None, spans=None)
     assert len(pickle.dumps(state)) < 60_000
     assert ds[4999]["phrases"] == ["red box"]
 

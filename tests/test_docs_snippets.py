@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tokencompose.cli import main
+from tokencompose.families import get_family
 from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora, save_lora
 
@@ -29,7 +30,7 @@ def paths(model_dir: Path, tmp_path_factory) -> dict[str, str]:
     unet.save_pretrained(full / "unet")
     lora_unet = load_components(model_dir).unet
     add_lora(lora_unet, rank=2, alpha=4.0, target_modules=["to_q", "to_v"])
-    save_lora(lora_unet, root / "lora")
+    save_lora(lora_unet, root / "lora", get_family("sd"))
     assert main(["export", "--model", str(model_dir), "--checkpoint", str(full), "--out", str(root / "exp")]) == 0
     kept = root / "kept"
     assert main(["export", "--model", str(model_dir), "--checkpoint", str(root / "lora"), "--out", str(kept),

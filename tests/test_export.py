@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tokencompose.cli import main
+from tokencompose.families import get_family
 from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora, save_lora
 from train_util import nonzero_lora_up, unet_output
@@ -49,7 +50,7 @@ def checkpoints(model_dir: Path, tmp_path_factory) -> dict[str, tuple[Path, torc
     unet = load_components(model_dir).unet
     add_lora(unet, rank=2, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     nonzero_lora_up(unet)
-    save_lora(unet, root / "lora")
+    save_lora(unet, root / "lora", get_family("sd"))
     return {"full": (root / "full", full), "lora": (root / "lora", unet_output(unet))}
 
 

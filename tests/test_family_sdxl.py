@@ -164,7 +164,7 @@ def _step_grads(comps, batch, weights, layers, seed=7):
 
 def test_training_step_losses_finite_and_reach_supervised_keys(xl, shapes):
     sizes = attention_sizes((SIZE, SIZE), xl.vae_scale_factor, len(xl.unet.config.block_out_channels))
-    ds = TokenDataset(str(shapes), xl.tokenizer, SIZE, attention_sizes=sizes, text_inputs=FAMILY.tokenizers(xl))
+    ds = TokenDataset(str(shapes), xl.tokenizer, SIZE, attention_sizes=sizes, **FAMILY.dataset_text(xl))
     batch = collate([ds[0], ds[1]])
     assert batch["input_ids_2"].shape == (2, 77) and batch["original_size"].shape == (2, 2)
     assert batch["token_valid"].any()
@@ -324,7 +324,7 @@ def _crop(im, left, top, s):
 @pytest.mark.parametrize("w,h,s", [(96, 64, 42), (64, 100, 32)])
 def test_dataset_reports_original_size_and_crop_that_match_its_pixels(xl, tmp_path, w, h, s):
     record = _image(tmp_path, w, h)
-    ds = TokenDataset([record], xl.tokenizer, s, attention_sizes=[(s, s)], text_inputs=FAMILY.tokenizers(xl), flip=True)
+    ds = TokenDataset([record], xl.tokenizer, s, attention_sizes=[(s, s)], **FAMILY.dataset_text(xl), flip=True)
     # The paper's transform: shorter side to S, then a center crop of S x S.
     new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
     resized = Image.open(record.image).convert("RGB").resize((new_w, new_h), Image.BILINEAR)
@@ -351,7 +351,7 @@ def test_dataset_reports_original_size_and_crop_that_match_its_pixels(xl, tmp_pa
         assert (new_w - s) % 2 == 1 and fleft != left
 
     # through collate and the family: time ids (orig_h, orig_w, top, left, S, S) per sample
-    plain_ds = TokenDataset([record], xl.tokenizer, s, attention_sizes=[(s, s)], text_inputs=FAMILY.tokenizers(xl))
+    plain_ds = TokenDataset([record], xl.tokenizer, s, attention_sizes=[(s, s)], **FAMILY.dataset_text(xl))
     batch = collate([plain_ds[0], plain_ds[0]])
     assert batch["original_size"].tolist() == [[h, w]] * 2 and batch["crop_top_left"].tolist() == [[top, left]] * 2
     time_ids = FAMILY.encode(xl, batch, (s, s))["added_cond_kwargs"]["time_ids"]
@@ -365,7 +365,7 @@ def test_a_phrase_the_two_tokenizers_place_differently_is_dropped(xl, tmp_path):
     base = _image(tmp_path, 64, 64)
     mask = base.phrases[0].mask
     record = R.Record(base.image, "a parrot?! a cat", [R.Phrase("parrot", mask), R.Phrase("cat", mask)])
-    xl_ds = TokenDataset([record], xl.tokenizer, 32, attention_sizes=[(32, 32)], text_inputs=FAMILY.tokenizers(xl))
+    xl_ds = TokenDataset([record], xl.tokenizer, 32, attention_sizes=[(32, 32)], **FAMILY.dataset_text(xl))
     sample = xl_ds[0]
     assert sample["phrases"] == ["parrot"] and sample["dropped"] == [R.SPAN_DIFFERS]
     sd_ds = TokenDataset([record], xl.tokenizer, 32, attention_sizes=[(32, 32)])  # one tokenizer: nothing differs

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokencompose.errors import UserError
+from tokencompose.families import get_family
 from tokencompose.loading import ModelSettings, load_model, load_pipeline, resolve_checkpoint
 from tokencompose.models import load_components
 from tokencompose.train.lora import add_lora, save_lora
@@ -27,7 +28,7 @@ def ckpts(model_dir: Path, tmp_path_factory):
     unet = load_components(model_dir).unet
     add_lora(unet, rank=2, alpha=4.0, target_modules=["to_q", "to_v"])
     nonzero_lora_up(unet, fill=0.02)
-    save_lora(unet, root / "lora")
+    save_lora(unet, root / "lora", get_family("sd"))
     return root, full, unet_output(unet)
 
 

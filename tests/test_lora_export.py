@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokencompose.families import get_family
 from tokencompose.models import load_components
 from tokencompose.train.lora import LORA_WEIGHTS, add_lora, load_lora_state, save_lora
 from train_util import nonzero_lora_up, unet_output
@@ -21,7 +22,7 @@ def trained_lora(model_dir: Path, tmp_path_factory) -> tuple[Path, torch.Tensor,
     nonzero_lora_up(unet, seed=3)  # peft initialises B to zero: make the adapter do something
     trained = unet_output(unet, batch=2, seed=1)
     out = tmp_path_factory.mktemp("lora_ckpt")
-    save_lora(unet, out)
+    save_lora(unet, out, get_family("sd"))
     return out, base, trained
 
 

@@ -29,6 +29,7 @@ def models(tmp_path_factory):
 def lora_ckpt(models):
     """A LoRA checkpoint of the base (non-zero adapters), as the trainer writes it."""
 
+    from tokencompose.families import get_family
     from tokencompose.models import load_components
     from tokencompose.train.lora import add_lora, save_lora
     from train_util import nonzero_lora_up
@@ -36,7 +37,7 @@ def lora_ckpt(models):
     unet = load_components(models / "base").unet
     add_lora(unet, rank=2, alpha=4.0, target_modules=["to_k", "to_v"])
     nonzero_lora_up(unet, fill=0.05)
-    save_lora(unet, models / "lora")
+    save_lora(unet, models / "lora", get_family("sd"))
     return models / "lora"
 
 

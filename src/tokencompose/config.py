@@ -97,6 +97,9 @@ class LossConfig:
     """Width of the alignment term's shared embedding (projection heads' output)."""
     roi_symmetric: bool = False
     """Average the image->text and text->image InfoNCE directions."""
+    text_spans: Literal["clip", "t5", "both"] = "clip"
+    """Which text positions a phrase supervises where the model reads several encoders in sequence (SD3:
+    the 77 CLIP positions, the T5 positions after them, or both); families with one index space ignore it."""
     layers: list[str] | None = None
     """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or fnmatch patterns on layer names; None:
     the family's default (``mid`` + ``up`` for SD, the paper's 10 layers, and for SDXL)."""

@@ -66,7 +66,8 @@ class Components:
     """The parts of a latent text-to-image diffusion pipeline that training and evaluation need.
 
     ``family`` names the architecture (:mod:`tokencompose.families`), which says what the parts mean:
-    SDXL fills ``text_encoder_2`` / ``tokenizer_2``, SD leaves them None.
+    SDXL fills ``text_encoder_2`` / ``tokenizer_2``, SD leaves them None. ``unet`` is the denoiser, whatever
+    its class (a UNet, or the SD3 / Flux transformer); a pipeline folder keeps it in the family's subfolder.
     """
 
     unet: Any
@@ -89,7 +90,7 @@ class Components:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(path / "unet")
+        self.unet.save_pretrained(path / get_family(self.family).denoiser_folder)
         self.vae.save_pretrained(path / "vae")
         for part in get_family(self.family).text_parts:
             value = getattr(self, part)
@@ -163,7 +164,7 @@ def load_components(
     whatever precision the files store: our shipped base model stores float16). ``family``: ``auto``
     (read from the folder, :func:`tokencompose.families.detect_family`), ``sd`` or ``sdxl``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     from tokencompose.families import resolve_family
 
@@ -176,21 +177,19 @@ def load_components(
     if is_local:
         src = str(Path(src).expanduser())
         kw["local_files_only"] = True
-        needed = ("unet", "vae", *fam.text_parts, "scheduler")
+        needed = (fam.denoiser_folder, "vae", *fam.text_parts, "scheduler")
         missing = [s for s in needed if not (Path(src) / s).is_dir()]
         if missing:
             raise UserError(f"{src} is not a diffusers-layout {fam.name} model folder: missing {', '.join(missing)}/")
     text = fam.load_text(src, kw, dtype)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
-    scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    scheduler = fam.load_noise_scheduler(src, kw)
     if unet is None:
-        unet_model = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
-    else:
+        unet_model = fam.load_denoiser(src, fam.denoiser_folder, kw, dtype)
+    else:  # a checkpoint of ours (denoiser in unet/) or a bare model folder
         upath = Path(unet)
-        sub = "unet" if (upath / "unet").is_dir() else None
-        unet_model = UNet2DConditionModel.from_pretrained(
-            str(upath), subfolder=sub, local_files_only=True, torch_dtype=dtype
-        )
+        sub = next((s for s in ("unet", fam.denoiser_folder) if (upath / s).is_dir()), None)
+        unet_model = fam.load_denoiser(str(upath), sub, {"local_files_only": True}, dtype)
     return Components(unet=unet_model, vae=vae, scheduler=scheduler, family=fam.name, **text)
 
 

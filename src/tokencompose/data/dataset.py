@@ -28,9 +28,10 @@ from tokencompose.data.latents import LatentCache
 from tokencompose.data.official import image_drop_reason, load_mask, same_aspect
 from tokencompose.data.records import JsonlIndex
 from tokencompose.errors import UserError
+from tokencompose.families.base import SpanFinder
 from tokencompose.masks import Size, attention_sizes, masks_at_resolutions
 from tokencompose.phrase_ids import phrase_text_ids
-from tokencompose.tokens import pad_token_positions, phrase_token_positions
+from tokencompose.tokens import pad_token_positions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class TokenDataset(torch.utils.data.Dataset):
         root: folder that relative paths in the jsonl are relative to (default: the file's folder).
         text_inputs: ``{batch key: tokenizer}``, every text-encoder input the model needs (SDXL:
             ``input_ids`` and ``input_ids_2``); default ``{"input_ids": tokenizer}``. Phrase spans always
-            come from ``tokenizer``, the index space of the attention maps.
+            come from ``spans``.
+        spans: phrase -> positions in the maps' text columns, or the drop reason (the model family's
+            :meth:`~tokencompose.families.base.Family.span_finder`); default: ``tokenizer``'s CLIP rule.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class TokenDataset(torch.utils.data.Dataset):
         flip: bool = False,
         root: str | Path | None = None,
         text_inputs: dict[str, Any] | None = None,
+        spans: SpanFinder | None = None,
     ) -> None:
         if isinstance(records_or_jsonl_path, str | Path):
             self.source: Any = JsonlIndex(records_or_jsonl_path, root)
@@ -71,6 +75,7 @@ class TokenDataset(torch.utils.data.Dataset):
             self._index_drops = Counter()
         self.tokenizer = tokenizer
         self.text_inputs = dict(text_inputs) if text_inputs else {"input_ids": tokenizer}
+        self.spans = spans or SpanFinder([(tokenizer, 0, "ids")])
         self.max_length = int(getattr(tokenizer, "model_max_length", 77))
         self.image_size = int(image_size)
         self.attention_sizes = [tuple(s) for s in (attention_sizes or _default_sizes(self.image_size))]
@@ -159,18 +164,9 @@ class TokenDataset(torch.utils.data.Dataset):
             if ph.mask is None:
                 dropped.append(R.NULL_MASK)
                 continue
-            pos = phrase_token_positions(self.tokenizer, rec.caption, ph.text, self.max_length)
+            pos, reason = self.spans(rec.caption, ph.text)
             if pos is None:
-                found = phrase_token_positions(self.tokenizer, rec.caption, ph.text, 1 << 30)
-                reason = R.BEYOND_TOKEN_WINDOW if found is not None else R.PHRASE_NOT_IN_CAPTION
                 R.note_drop(dropped, reason, "dropping phrase %r of %s: %s", ph.text, rec.image, reason)
-                continue
-            if any(
-                phrase_token_positions(tok, rec.caption, ph.text, self.max_length) != pos
-                for key, tok in self.text_inputs.items()
-                if tok is not self.tokenizer
-            ):
-                R.note_drop(dropped, R.SPAN_DIFFERS, "dropping phrase %r of %s: %s", ph.text, rec.image, R.SPAN_DIFFERS)
                 continue
             mask = self._load_mask(ph.mask, (width, height), geom, dropped)
             if mask is None:

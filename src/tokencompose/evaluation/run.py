@@ -290,7 +290,7 @@ def grounding_dataset(s: GroundingSettings, comps: Any, tmp: str) -> tuple[Any, 
     family = family_of(comps)
     ds: Any = TokenDataset(
         data, family.index_tokenizer(comps), image_size=image_size, attention_sizes=[(eval_size, eval_size)],
-        text_inputs=family.tokenizers(comps),
+        **family.dataset_text(comps),
     )  # fmt: skip
     if s.limit:
         ds = Subset(ds, range(min(s.limit, len(ds))))

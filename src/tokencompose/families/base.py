@@ -9,20 +9,25 @@ A family owns what differs between architectures and nothing else:
 - the default supervised attention layers (:attr:`Family.default_layers`);
 - the pipeline class that samples from it, and the ``model_index.json`` that stock diffusers loads.
 
-The training target (epsilon / v / sample) is read from the noise scheduler's ``prediction_type`` and is
-shared by the UNet families; a flow-matching family will override :meth:`Family.target`.
+- how training noises latents and what the denoiser must predict (:meth:`Family.noise_latents`,
+  :meth:`Family.predict`, :meth:`Family.target`): DDPM with epsilon / v targets for the UNet families
+  (read from the noise scheduler's ``prediction_type``), rectified flow for the transformer families;
+- where the denoiser lives in a folder and how a LoRA of it is saved for the stock pipeline.
 
 Shapes: ``B`` batch, ``L`` text positions (77 for CLIP), ``D`` conditioning width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from tokencompose.tokens import input_ids
+from tokencompose.data import records as R
+from tokencompose.tokens import input_ids, phrase_token_positions
 
 
 def target(scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,6 +45,40 @@ def target(scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Te
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+@dataclass
+class SpanFinder:
+    """Phrase -> its positions in the model's text index space, or the reason it has none.
+
+    Picklable (tokenizers only), so DataLoader workers get it with the dataset. ``parts``: ``(tokenizer,
+    offset, method)`` -- a phrase must be found by every part, its positions are the union of each part's
+    positions shifted by ``offset`` (SD3: CLIP at 0 and T5 at 77). ``agree``: tokenizers that feed other
+    encoders at the *same* positions as ``parts[0]`` (SDXL's tokenizer 2): they must place the phrase there.
+    """
+
+    parts: Sequence[tuple[Any, int, str]]
+    agree: Sequence[Any] = field(default_factory=tuple)
+
+    def __call__(self, caption: str, phrase: str) -> tuple[list[int] | None, str | None]:
+        positions: list[int] = []
+        for tokenizer, offset, method in self.parts:
+            pos = _positions(tokenizer, caption, phrase, None, method)
+            if pos is None:
+                found = _positions(tokenizer, caption, phrase, 1 << 30, method)
+                return None, (R.BEYOND_TOKEN_WINDOW if found is not None else R.PHRASE_NOT_IN_CAPTION)
+            positions += [offset + p for p in pos]
+        first, _, method = self.parts[0]
+        mine = _positions(first, caption, phrase, None, method)
+        if any(_positions(tok, caption, phrase, None, method) != mine for tok in self.agree):
+            return None, R.SPAN_DIFFERS
+        return positions, None
+
+
+def _positions(tokenizer: Any, caption: str, phrase: str, max_length: int | None, method: str) -> list[int] | None:
+    # "ids" is the paper's rule (CLIP); "offsets" locates the phrase by characters (SentencePiece / T5).
+    extra = {} if method == "ids" else {"method": method}
+    return phrase_token_positions(tokenizer, caption, phrase, max_length, **extra)
+
+
 class Family:
     """Base of the architecture families (:mod:`tokencompose.families.sd`, :mod:`tokencompose.families.sdxl`)."""
 
@@ -50,6 +89,12 @@ class Family:
     """Subfolders of a pipeline folder holding text encoders and tokenizers."""
     default_layers: ClassVar[tuple[str, ...]] = ("mid", "up")
     """Supervised cross-attention layers when ``loss.layers`` is not given (see ``tokencompose probe layers``)."""
+    denoiser_folder: ClassVar[str] = "unet"
+    """Subfolder of the denoiser in a pipeline folder (``transformer`` for SD3 / Flux)."""
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
+    """diffusers class of the denoiser."""
+    noise_scheduler_class: ClassVar[str] = "DDPMScheduler"
+    """diffusers class the training noise schedule is read as."""
 
     # -- loading -----------------------------------------------------------------------------------
     def load_text(self, src: str, kw: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -65,10 +110,37 @@ class Family:
 
         return getattr(diffusers, self.pipeline_classes[0])
 
+    def load_denoiser(self, src: str, subfolder: str | None, kw: Mapping[str, Any], dtype: torch.dtype) -> Any:
+        """The denoiser from ``src`` (a pipeline folder with ``subfolder``, or a model folder with None)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.denoiser_class)
+        return cls.from_pretrained(src, subfolder=subfolder, torch_dtype=dtype, **kw)
+
+    def load_noise_scheduler(self, src: str, kw: Mapping[str, Any]) -> Any:
+        """The training noise schedule from the folder's ``scheduler/`` config."""
+        import diffusers
+
+        return getattr(diffusers, self.noise_scheduler_class).from_pretrained(src, subfolder="scheduler", **kw)
+
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` that the family's stock ``load_lora_weights`` reads."""
+        self.pipeline_class().save_lora_weights(
+            save_directory=str(folder), **{f"{self.denoiser_folder}_lora_layers": layers}, safe_serialization=True
+        )
+
     # -- text --------------------------------------------------------------------------------------
     def index_tokenizer(self, comps: Any) -> Any:
         """The tokenizer whose positions index the attention maps' text columns (phrase spans live here)."""
         return comps.tokenizer
+
+    def span_finder(self, comps: Any, text_spans: str = "clip") -> SpanFinder:
+        """How phrases map to the maps' text columns (``text_spans`` matters to families with several)."""
+        return SpanFinder([(self.index_tokenizer(comps), 0, "ids")])
+
+    def dataset_text(self, comps: Any, text_spans: str = "clip") -> dict[str, Any]:
+        """``TokenDataset``'s text keywords for this model: every encoder input and the phrase-span rule."""
+        return {"text_inputs": self.tokenizers(comps), "spans": self.span_finder(comps, text_spans)}
 
     def tokenizers(self, comps: Any) -> dict[str, Any]:
         """``{batch key: tokenizer}``: every text-encoder input a caption needs (``input_ids``, ...)."""
@@ -103,6 +175,22 @@ class Family:
         for part in self.text_parts:
             index[part] = ["transformers", type(getattr(comps, part)).__name__]
         return index
+
+    # -- training ----------------------------------------------------------------------------------
+    def noise_latents(
+        self, scheduler: Any, latents: torch.Tensor, noise: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noisy, t, eps)`` for clean ``latents [B, C, h, w]``: DDPM, ``t ~ U{0..T-1}``,
+        ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4). ``noise``: a
+        :class:`~tokencompose.train.step.NoiseSource` (timesteps drawn first, then eps)."""
+        b, device = latents.shape[0], latents.device
+        t = noise.timesteps(b, scheduler.config.num_train_timesteps, device)
+        eps = noise.randn(tuple(latents.shape), device)
+        return scheduler.add_noise(latents, eps, t), t, eps
+
+    def predict(self, model: Any, noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction ``[B, C, h, w]`` (``model`` may be DDP-wrapped)."""
+        return model(noisy, t, **cond).sample
 
     def target(self, scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The training target of the denoiser (see :func:`target`)."""

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokencompose.errors import UserError
-from tokencompose.families.base import Family, cast
+from tokencompose.families.base import Family, SpanFinder, cast
 from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype
 
 TIME_EMBED_DIM = 8  # tiny model: width of each of the 6 time-id embeddings (256 in SDXL)
@@ -66,6 +66,10 @@ class SDXL(Family):
 
     def tokenizers(self, comps: Any) -> dict[str, Any]:
         return {"input_ids": comps.tokenizer, "input_ids_2": comps.tokenizer_2}
+
+    def span_finder(self, comps: Any, text_spans: str = "clip") -> SpanFinder:
+        # Encoder 2 reads the same 77 positions: its tokenizer must place the phrase where tokenizer 1 does.
+        return SpanFinder([(comps.tokenizer, 0, "ids")], agree=[comps.tokenizer_2])
 
     @torch.no_grad()
     def encode(

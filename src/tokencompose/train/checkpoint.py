@@ -100,8 +100,13 @@ class NonFiniteLossError(RuntimeError):
     """A non-finite loss or gradient under ``nan_policy: stop`` (or too many skipped steps)."""
 
 
-def export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path, terms: Sequence[Any]) -> None:
-    """Diffusers-format weights into ``folder`` (called on every process; the main one writes)."""
+def export_weights(
+    accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Path, terms: Sequence[Any], family: Any
+) -> None:
+    """Diffusers-format weights into ``folder`` (called on every process; the main one writes).
+
+    ``family`` (:mod:`tokencompose.families`) says how the stock pipeline of that architecture reads a LoRA.
+    """
     from safetensors.torch import save_file
 
     model = accelerator.unwrap_model(unet)
@@ -111,7 +116,7 @@ def export_weights(accelerator: Any, unet: Any, ema: Any, lora: bool, folder: Pa
     if not all_finite(list(state.values())):
         raise NonFiniteLossError("refusing to write a checkpoint: the UNet weights contain NaN or inf")
     if lora:
-        save_lora(model, folder, state_dict=state)
+        save_lora(model, folder, family, state_dict=state)
     else:
         (folder / "unet").mkdir(parents=True, exist_ok=True)
         model.save_config(folder / "unet")

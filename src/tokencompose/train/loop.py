@@ -22,6 +22,7 @@ from tokencompose.attention import AttentionCapture, no_store_replay_under_check
 from tokencompose.config import Config, validate
 from tokencompose.data.dataset import TokenDataset
 from tokencompose.data.records import DropCounter
+from tokencompose.families import family_of
 from tokencompose.losses import column_subset
 from tokencompose.masks import attention_sizes
 from tokencompose.models import Components
@@ -152,7 +153,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
         run_dir / "checkpoints",
         cfg.checkpoint.keep_last,
         accelerator.unwrap_model(unet),
-        export=lambda folder: export_weights(accelerator, unet, ema, lora, folder, specs),
+        export=lambda folder: export_weights(accelerator, unet, ema, lora, folder, specs, family_of(comps)),
         restore=lambda folder: restore_weights(accelerator.unwrap_model(unet), lora, folder),
         state=state,
         ema=ema,

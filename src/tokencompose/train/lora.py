@@ -59,13 +59,13 @@ def fold_lora_scale(peft_sd: dict[str, torch.Tensor], scales: dict[str, float]) 
     return out
 
 
-def save_lora(unet: Any, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_lora(unet: Any, path: str | Path, family: Any, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers format) and ``lora_state.safetensors`` (peft).
 
+    ``family`` (:mod:`tokencompose.families`) names the denoiser's key prefix (``unet.`` / ``transformer.``).
     The diffusers file has ``alpha / rank`` folded into its up matrices (:func:`fold_lora_scale`), so stock
     ``pipe.load_lora_weights`` reproduces the trained model whatever ``train.lora.alpha`` was.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -75,11 +75,7 @@ def save_lora(unet: Any, path: str | Path, state_dict: dict[str, torch.Tensor] |
     peft_sd = get_peft_model_state_dict(unet, state_dict=state_dict)
     peft_sd = {k: v.detach().cpu().contiguous() for k, v in peft_sd.items()}
     save_file(peft_sd, str(path / LORA_STATE))
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(path),
-        unet_lora_layers=convert_state_dict_to_diffusers(fold_lora_scale(peft_sd, lora_scales(unet))),
-        safe_serialization=True,
-    )
+    family.save_lora(path, convert_state_dict_to_diffusers(fold_lora_scale(peft_sd, lora_scales(unet))))
 
 
 def load_lora_state(unet: Any, path: str | Path) -> None:

@@ -247,7 +247,7 @@ def build_dataset(cfg: Config, comps: Any, sizes: list[tuple[int, int]]) -> tupl
         family.index_tokenizer(comps),
         cfg.data.image_size,
         attention_sizes=sizes,
-        text_inputs=family.tokenizers(comps),
+        **family.dataset_text(comps, cfg.loss.text_spans),
         latent_cache=cfg.data.latent_cache,
         flip=cfg.data.flip,
     )

@@ -187,15 +187,13 @@ def training_step(
     device = batch["input_ids"].device
     latents = batch_latents(vae, batch, noise, device)
     b = latents.shape[0]
-    t = noise.timesteps(b, scheduler.config.num_train_timesteps, device)
-    eps = noise.randn(tuple(latents.shape), device)
-    noisy = scheduler.add_noise(latents, eps, t)
+    noisy, t, eps = conditioner.family.noise_latents(scheduler, latents, noise)
     cond = conditioner(batch)
     token_index = batch["token_index"]
     if capture is not None and "token_columns" in batch:  # loss.capture_columns: keep [B, H, N, K] maps only
         capture.columns = batch["token_columns"]
         token_index = batch["token_index_in_columns"]
-    pred = unet(noisy, t, **cond).sample
+    pred = conditioner.family.predict(unet, noisy, t, cond)
 
     per = {"denoise": denoise_loss(pred, conditioner.target(scheduler, latents, eps, t))}
     parts: dict[str, torch.Tensor] = {}

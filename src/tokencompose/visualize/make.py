@@ -168,7 +168,10 @@ def mask_comparisons(
     """
     first = load_model(models[0][1])
     size = size or default_image_size(first)
-    ds = TokenDataset(data, family_of(first).index_tokenizer(first), size, attention_sizes=[(size, size)])
+    family = family_of(first)
+    ds = TokenDataset(
+        data, family.index_tokenizer(first), size, attention_sizes=[(size, size)], **family.dataset_text(first)
+    )
     idx = list(indices) if indices else list(range(min(num, len(ds))))
     batch = collate([ds[i] for i in idx])
     masks = batch["masks"][(size, size)].reshape(len(idx), -1, size, size)  # [B, P, S, S]

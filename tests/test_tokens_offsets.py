@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from official import REPO_ROOT, cases
-from t5_util import tiny_t5_tokenizer
 from tokencompose.models import clip_tokenizer
+from tokencompose.t5_tokenizer import tiny_t5_tokenizer
 from tokencompose.tokens import find_phrase_chars, overlapping_tokens, phrase_token_positions, phrase_tokens
 
 METADATA = REPO_ROOT.parent / "shared" / "data" / "official" / "coco_gsam_train_metadata.jsonl"

@@ -41,7 +41,7 @@ class ModelSettings:
     """``auto`` (CUDA, else MPS, else CPU) | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """Weights' precision; ``auto``: fp16 on CUDA, fp32 elsewhere."""
-    family: Literal["auto", "sd", "sdxl"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
     """Architecture: ``auto`` reads the base's ``model_index.json``; ``sd`` (1.x / 2.x) | ``sdxl``."""
 
 
@@ -128,10 +128,9 @@ def base_scheduler_config(model: str | Path) -> dict[str, Any]:
 
 def pipeline_from_components(comps: Any, scheduler: Any, safety_checker: Any = None, extractor: Any = None) -> Any:
     """The family's pipeline over loaded parts; attention through PyTorch SDPA, progress bars off."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    pipe = family_of(comps).pipeline(comps, scheduler, safety_checker, extractor)
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    family = family_of(comps)
+    pipe = family.pipeline(comps, scheduler, safety_checker, extractor)
+    family.use_fused_attention(comps.unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -186,8 +185,8 @@ def load_pipeline(settings: ModelSettings, scheduler: str = "default", safety_ch
 
 
 def default_image_size(comps: Any) -> int:
-    """The model's native image size in pixels: UNet sample size times the VAE factor (512 for SD 1.x)."""
-    return int(comps.unet.config.sample_size) * comps.vae_scale_factor
+    """The model's native image size in pixels, as its family says (512 for SD 1.x, 1024 for SDXL)."""
+    return family_of(comps).native_size(comps)
 
 
 def release_memory() -> None:

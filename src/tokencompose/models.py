@@ -66,7 +66,8 @@ class Components:
     """The parts of a latent text-to-image diffusion pipeline that training and evaluation need.
 
     ``family`` names the architecture (:mod:`tokencompose.families`), which says what the parts mean:
-    SDXL fills ``text_encoder_2`` / ``tokenizer_2``, SD leaves them None. ``unet`` is the denoiser, whatever
+    SDXL fills ``text_encoder_2`` / ``tokenizer_2`` (a second CLIP), Flux the same slots with its T5, SD3
+    all three (CLIP-L, CLIP-G, T5); SD leaves them None. ``unet`` is the denoiser, whatever
     its class (a UNet, or the SD3 / Flux transformer); a pipeline folder keeps it in the family's subfolder.
     """
 
@@ -77,12 +78,14 @@ class Components:
     scheduler: Any
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
     family: str = "sd"
 
     @property
     def text_encoders(self) -> list[Any]:
         """Every text encoder the family has (frozen in training, moved with the model)."""
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
     def save(self, path: str | Path) -> None:
         """Write every part in diffusers layout plus the ``model_index.json`` of the family's pipeline class."""

@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: diffusers-layout folder or hub id")
     parser.add_argument("--checkpoint", default=None, help="a training checkpoint of ours (step-N/): UNet or LoRA")
     parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA UNet (unet_ema/)")
-    parser.add_argument("--family", default="auto", choices=("auto", "sd", "sdxl"), help="architecture of the base")
+    parser.add_argument(
+        "--family", default="auto", choices=("auto", "sd", "sdxl", "sd3"), help="architecture of the base"
+    )
     parser.add_argument("--out", required=True, help="output folder (must not exist yet)")
     parser.add_argument(
         "--keep-lora", action="store_true", help="LoRA: write the adapter beside the untouched base instead of fusing"

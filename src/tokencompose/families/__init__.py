@@ -1,4 +1,4 @@
-"""Architecture families: one module each (``sd``, ``sdxl``); the rest of the package asks them, never branches.
+"""Architecture families: one module each (``sd``, ``sdxl``, ``sd3``); the rest of the package asks them.
 
 ``family: auto`` reads a pipeline folder's ``model_index.json`` (its ``_class_name``), or, for a folder
 without one, the parts it holds (``text_encoder_2/`` and a UNet with ``text_time`` embeddings are SDXL).
@@ -13,16 +13,17 @@ from typing import Any
 from tokencompose.errors import UserError
 from tokencompose.families.base import Family
 from tokencompose.families.sd import SD
+from tokencompose.families.sd3 import SD3
 from tokencompose.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3())}
 NAMES = ("auto", *FAMILIES)
 
 __all__ = ["FAMILIES", "NAMES", "Family", "detect_family", "family_of", "get_family", "resolve_family"]
 
 
 def get_family(name: str) -> Family:
-    """The family called ``name`` (``sd`` | ``sdxl``)."""
+    """The family called ``name`` (``sd`` | ``sdxl`` | ``sd3``)."""
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}: use one of {', '.join(NAMES)}")
     return FAMILIES[name]
@@ -56,7 +57,9 @@ def detect_family(model: str | Path, revision: str | None = None) -> str:
         try:
             index = dict(DiffusionPipeline.load_config(str(model), revision=revision))
         except Exception as err:  # offline, unknown id, no index: the user names the family
-            raise UserError(f"cannot read {model}'s model_index.json ({err}); set its family (sd | sdxl)") from None
+            raise UserError(
+                f"cannot read {model}'s model_index.json ({err}); set its family (sd | sdxl | sd3)"
+            ) from None
         unet = {}
     name = (index or {}).get("_class_name", "")
     for family in FAMILIES.values():
@@ -66,7 +69,9 @@ def detect_family(model: str | Path, revision: str | None = None) -> str:
         return "sdxl"
     if (index or {}).get("text_encoder") or (path / "text_encoder").is_dir():
         return "sd"
-    raise UserError(f"cannot tell the family of {model} (pipeline class {name or 'unknown'}): set it (sd | sdxl)")
+    raise UserError(
+        f"cannot tell the family of {model} (pipeline class {name or 'unknown'}): set it ({' | '.join(FAMILIES)})"
+    )
 
 
 def resolve_family(name: str, model: str | Path, revision: str | None = None) -> Family:

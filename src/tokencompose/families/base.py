@@ -73,10 +73,9 @@ class SpanFinder:
         return positions, None
 
 
-def _positions(tokenizer: Any, caption: str, phrase: str, max_length: int | None, method: str) -> list[int] | None:
+def _positions(tokenizer: Any, caption: str, phrase: str, max_length: int | None, method: Any) -> list[int] | None:
     # "ids" is the paper's rule (CLIP); "offsets" locates the phrase by characters (SentencePiece / T5).
-    extra = {} if method == "ids" else {"method": method}
-    return phrase_token_positions(tokenizer, caption, phrase, max_length, **extra)
+    return phrase_token_positions(tokenizer, caption, phrase, max_length, method=method)
 
 
 class Family:
@@ -109,6 +108,12 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.pipeline_classes[0])
+
+    def use_fused_attention(self, model: Any) -> None:
+        """Every attention layer of the denoiser on PyTorch's fused SDPA (what sampling runs)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        model.set_attn_processor(AttnProcessor2_0())
 
     def load_denoiser(self, src: str, subfolder: str | None, kw: Mapping[str, Any], dtype: torch.dtype) -> Any:
         """The denoiser from ``src`` (a pipeline folder with ``subfolder``, or a model folder with None)."""
@@ -169,12 +174,23 @@ class Family:
             "_class_name": self.pipeline_classes[0],
             "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", type(comps.scheduler).__name__],
-            "unet": ["diffusers", type(comps.unet).__name__],
+            self.denoiser_folder: ["diffusers", type(comps.unet).__name__],
             "vae": ["diffusers", type(comps.vae).__name__],
         }
         for part in self.text_parts:
             index[part] = ["transformers", type(getattr(comps, part)).__name__]
         return index
+
+    # -- geometry ----------------------------------------------------------------------------------
+    def native_size(self, comps: Any) -> int:
+        """The model's native image side in pixels (latent sample size x VAE factor: 512 for SD 1.x)."""
+        return int(comps.unet.config.sample_size) * comps.vae_scale_factor
+
+    def map_sizes(self, comps: Any, image: tuple[int, int]) -> list[tuple[int, int]]:
+        """``(h, w)`` of every attention resolution the denoiser has for an image of ``(H, W)`` pixels."""
+        from tokencompose.masks import attention_sizes
+
+        return attention_sizes(image, comps.vae_scale_factor, len(comps.unet.config.block_out_channels))
 
     # -- training ----------------------------------------------------------------------------------
     def noise_latents(

@@ -24,7 +24,6 @@ from tokencompose.data.dataset import TokenDataset
 from tokencompose.data.records import DropCounter
 from tokencompose.families import family_of
 from tokencompose.losses import column_subset
-from tokencompose.masks import attention_sizes
 from tokencompose.models import Components
 from tokencompose.train import setup
 from tokencompose.train.checkpoint import (
@@ -117,7 +116,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
     params = setup.prepare_models(comps, cfg, device, precision)
     lora = cfg.train.lora.rank > 0
     image = (cfg.data.image_size, cfg.data.image_size)
-    sizes = attention_sizes(image, comps.vae_scale_factor, len(comps.unet.config.block_out_channels))
+    sizes = family_of(comps).map_sizes(comps, image)
     dataset, collate = setup.build_dataset(cfg, comps, sizes)
     loader, sampler = build_loader(
         dataset,

@@ -1,4 +1,5 @@
-"""A tiny T5-style SentencePiece tokenizer, built offline for tests (no ``sentencepiece``, no network).
+"""A tiny T5-style SentencePiece tokenizer, built offline (no ``sentencepiece``, no network): the T5 tokenizer
+of the tiny SD3 / Flux models that tests and CPU smoke runs build (``model.path=tiny``).
 
 It reproduces what matters about T5's tokenizer for token spans: a Unigram model over "▁"-prefixed
 pieces behind T5's pre-tokenizer (``WhitespaceSplit`` + ``Metaspace``, so whitespace runs collapse and
@@ -11,7 +12,7 @@ is one piece, a few words split into fixed pieces (:data:`SUBWORDS`), and any ot
 
 Usage::
 
-    from t5_util import tiny_t5_tokenizer
+    from tokencompose.t5_tokenizer import tiny_t5_tokenizer
 
     tok = tiny_t5_tokenizer(model_max_length=256)  # SD3's T5 window; Flux uses 512
     tok("a cat on a mat")["input_ids"]  # [..., 1]  ("</s>" = 1)

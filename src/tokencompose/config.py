@@ -52,7 +52,7 @@ class ModelConfig:
     """Hub revision (branch, tag or commit); ignored for local folders."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (SD 2.x 768 px models are ``v_prediction``); None = keep."""
-    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
     """Architecture: ``auto`` (read from the folder's ``model_index.json``; ``tiny`` is ``sd``), ``sd`` (SD 1.x /
     2.x, one CLIP text encoder) or ``sdxl`` (two encoders, pooled embedding, size/crop conditioning)."""
 

@@ -41,7 +41,7 @@ class ModelSettings:
     """``auto`` (CUDA, else MPS, else CPU) | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """Weights' precision; ``auto``: fp16 on CUDA, fp32 elsewhere."""
-    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
     """Architecture: ``auto`` reads the base's ``model_index.json``; ``sd`` (1.x / 2.x) | ``sdxl``."""
 
 
@@ -186,7 +186,7 @@ def load_pipeline(settings: ModelSettings, scheduler: str = "default", safety_ch
 
 def default_image_size(comps: Any) -> int:
     """The model's native image size in pixels, as its family says (512 for SD 1.x, 1024 for SDXL)."""
-    return family_of(comps).native_size(comps)
+    return family_of(comps).native_size(comps.unet, comps.vae_scale_factor)
 
 
 def release_memory() -> None:

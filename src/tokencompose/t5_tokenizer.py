@@ -34,6 +34,9 @@ CORPUS = (
     "a teddy bear sitting on a bed",
     "a person eating a hot dog at a table",
     "a bowl of fruit on a kitchen table",
+    # the shapes world's captions (tiny SD3 / Flux models train on them)
+    "a photo of a red circle, a green square, a blue triangle and a yellow cross",
+    "there is a purple circle and a cyan square in the image of shapes",
 )
 # Multi-piece words: word -> its pieces (the first carries the "▁" of a word start).
 SUBWORDS = {

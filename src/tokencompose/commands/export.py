@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="a training checkpoint of ours (step-N/): UNet or LoRA")
     parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA UNet (unet_ema/)")
     parser.add_argument(
-        "--family", default="auto", choices=("auto", "sd", "sdxl", "sd3"), help="architecture of the base"
+        "--family", default="auto", choices=("auto", "sd", "sdxl", "sd3", "flux"), help="architecture of the base"
     )
     parser.add_argument("--out", required=True, help="output folder (must not exist yet)")
     parser.add_argument(

@@ -40,9 +40,7 @@ def add_model_options(parser: argparse.ArgumentParser, key: str = "model") -> No
     option(g, "--lora-scale", key=f"{key}.lora_scale", help="strength of a LoRA checkpoint (1: as trained)")
     option(g, "--device", key=f"{key}.device", help="auto | cpu | cuda | cuda:N | mps")
     option(g, "--dtype", key=f"{key}.dtype", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA)")
-    option(
-        g, "--family", key=f"{key}.family", help="auto | sd | sdxl | sd3 (auto: read from the model's model_index.json)"
-    )
+    option(g, "--family", key=f"{key}.family", help="auto | sd | sdxl | sd3 | flux (auto: from the model_index.json)")
 
 
 def settings_data(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from tokencompose.evaluation.provenance import (
     png_info,
     read_png,
 )
+from tokencompose.families import denoiser_of, family_of_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +159,14 @@ def generate_images(
     todo, skipped = pending_jobs(prompts, settings.images_per_prompt, out_dir, shard, num_shards, expect)
     report = GenerationReport(skipped=skipped)
     start = time.perf_counter()
-    channels = pipe.unet.config.in_channels
-    size = settings.resolution or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-    shape = (channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    family, denoiser = family_of_pipeline(pipe), denoiser_of(pipe)
+    size = settings.resolution or family.native_size(denoiser, pipe.vae_scale_factor)
+    shape = (pipe.vae.config.latent_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    device, dtype = denoiser.device, denoiser.dtype
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
         seeds = [image_seed(settings.seed, p.uid, i) for p, i in batch]
-        latents = initial_latents(seeds, shape).to(device=device, dtype=dtype)
+        latents = family.sampling_latents(initial_latents(seeds, shape)).to(device=device, dtype=dtype)
         out = pipe(
             prompt=[p.text for p, _ in batch],
             negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,

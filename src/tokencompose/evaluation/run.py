@@ -40,7 +40,7 @@ from tokencompose.evaluation.settings import (
     MultiGenSettings,
     ShardSettings,
 )
-from tokencompose.families import family_of
+from tokencompose.families import denoiser_of, family_of, family_of_pipeline
 from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory, resolve_device
 from tokencompose.typed_data import to_dict
 
@@ -114,7 +114,8 @@ def _generate(
         log.info("safety checker: off (pass --safety-checker to run the model's own)")
     settings = dataclasses.replace(model, device=str(shard.device))
     pipe = load_pipeline(settings, scheduler=generation.scheduler, safety_checker=generation.safety_checker)
-    native = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    denoiser = denoiser_of(pipe)
+    native = family_of_pipeline(pipe).native_size(denoiser, pipe.vae_scale_factor)
     generation = dataclasses.replace(generation, resolution=generation.resolution or native)  # recorded as used
     report = generate_images(
         pipe,
@@ -124,7 +125,7 @@ def _generate(
         batch_size=run.batch_size,
         shard=shard.index,
         num_shards=shard.count,
-        record={"model": model_record(model), "dtype": str(pipe.unet.dtype)},
+        record={"model": model_record(model), "dtype": str(denoiser.dtype)},
         on_batch=progress_bar("generating", "image"),
     )
     rate = len(report.written) / report.seconds if report.seconds else 0.0

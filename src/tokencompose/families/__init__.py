@@ -1,4 +1,4 @@
-"""Architecture families: one module each (``sd``, ``sdxl``, ``sd3``); the rest of the package asks them.
+"""Architecture families: one module each (``sd``, ``sdxl``, ``sd3``, ``flux``); the rest of the package asks them.
 
 ``family: auto`` reads a pipeline folder's ``model_index.json`` (its ``_class_name``), or, for a folder
 without one, the parts it holds (``text_encoder_2/`` and a UNet with ``text_time`` embeddings are SDXL).
@@ -12,18 +12,20 @@ from typing import Any
 
 from tokencompose.errors import UserError
 from tokencompose.families.base import Family
+from tokencompose.families.flux import Flux
 from tokencompose.families.sd import SD
 from tokencompose.families.sd3 import SD3
 from tokencompose.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3(), Flux())}
 NAMES = ("auto", *FAMILIES)
 
-__all__ = ["FAMILIES", "NAMES", "Family", "detect_family", "family_of", "get_family", "resolve_family"]
+__all__ = ["FAMILIES", "NAMES", "Family", "denoiser_of", "detect_family", "family_of", "family_of_pipeline",
+           "get_family", "resolve_family"]  # fmt: skip
 
 
 def get_family(name: str) -> Family:
-    """The family called ``name`` (``sd`` | ``sdxl`` | ``sd3``)."""
+    """The family called ``name`` (``sd`` | ``sdxl`` | ``sd3`` | ``flux``)."""
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}: use one of {', '.join(NAMES)}")
     return FAMILIES[name]
@@ -32,6 +34,20 @@ def get_family(name: str) -> Family:
 def family_of(comps: Any) -> Family:
     """The family of loaded :class:`~tokencompose.models.Components`."""
     return get_family(comps.family)
+
+
+def family_of_pipeline(pipe: Any) -> Family:
+    """The family whose pipeline class ``pipe`` is."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if name in family.pipeline_classes:
+            return family
+    raise ValueError(f"no model family runs a {name}")
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser_folder)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

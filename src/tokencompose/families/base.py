@@ -182,9 +182,13 @@ class Family:
         return index
 
     # -- geometry ----------------------------------------------------------------------------------
-    def native_size(self, comps: Any) -> int:
+    def native_size(self, denoiser: Any, vae_factor: int) -> int:
         """The model's native image side in pixels (latent sample size x VAE factor: 512 for SD 1.x)."""
-        return int(comps.unet.config.sample_size) * comps.vae_scale_factor
+        return int(denoiser.config.sample_size) * vae_factor
+
+    def sampling_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """Initial noise ``[B, C, h, w]`` in the layout the family's pipeline takes as ``latents``."""
+        return noise
 
     def map_sizes(self, comps: Any, image: tuple[int, int]) -> list[tuple[int, int]]:
         """``(h, w)`` of every attention resolution the denoiser has for an image of ``(H, W)`` pixels."""

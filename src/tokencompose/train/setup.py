@@ -119,7 +119,7 @@ def supervised_layers(cfg: Config, comps: Any) -> list[str]:
 def check_layers(cfg: Config) -> None:
     """Refuse a ``loss.layers`` selection that names no cross-attention layer, before any weights load.
 
-    The layer names come from the UNet's config alone: the model is built on the meta device (no
+    The layer names come from the denoiser's config alone: the model is built on the meta device (no
     memory, no weights). When the config cannot be read here (a hub id offline), the check happens
     when the capture is installed instead.
     """
@@ -129,19 +129,21 @@ def check_layers(cfg: Config) -> None:
         return  # the family's default set
     import json
 
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     path = Path(cfg.model.path).expanduser()
     try:
+        family = model_family(cfg)
+        cls, sub = getattr(diffusers, family.denoiser_class), family.denoiser_folder
         if cfg.model.path == "tiny":
-            config = dict(model_family(cfg).tiny().unet.config)
-        elif (path / "unet" / "config.json").is_file():
-            config = json.loads((path / "unet" / "config.json").read_text())
+            config = dict(family.tiny().unet.config)
+        elif (path / sub / "config.json").is_file():
+            config = json.loads((path / sub / "config.json").read_text())
         else:
-            config = UNet2DConditionModel.load_config(cfg.model.path, subfolder="unet", revision=cfg.model.revision)
+            config = cls.load_config(cfg.model.path, subfolder=sub, revision=cfg.model.revision)
         with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(config)
+            unet = cls.from_config(config)
     except Exception as err:  # unreadable or unreachable config: the loader reports it properly
         log.debug("loss.layers not checked before loading (%s)", err)
         return

@@ -61,6 +61,13 @@ def clip_tokenizer(pad_token: str | None = None) -> Any:
         )
 
 
+def scale_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the denoiser's latent space: ``(z - shift_factor) * scaling_factor`` (no shift for SD /
+    SDXL, whose configs have none; SD3 and Flux shift)."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return (z - shift if shift is not None else z) * vae.config.scaling_factor
+
+
 @dataclass
 class Components:
     """The parts of a latent text-to-image diffusion pipeline that training and evaluation need.

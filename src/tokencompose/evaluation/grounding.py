@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tokencompose.attention import AttentionCapture, select_layers
 from tokencompose.families import family_of
 from tokencompose.maps import phrase_maps
+from tokencompose.models import scale_latents
 
 Size = tuple[int, int]
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -149,7 +150,6 @@ def evaluate_grounding_groups(
     """
     unet, vae, family = comps.unet, comps.vae, family_of(comps)
     device, dtype = unet.device, unet.dtype
-    scale = getattr(vae.config, "scaling_factor", 0.18215)
     names = {g: select_layers(unet, sel) for g, sel in groups.items()}
     captured = select_layers(unet, [n for ns in names.values() for n in ns])
     keys = [str(t) for t in timesteps] + ["mean"]
@@ -163,7 +163,7 @@ def evaluate_grounding_groups(
             masks = batch["masks"][tuple(size)]
             valid = valid_phrases(batch["token_valid"], masks)
             pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
-            latents = vae.encode(pixels).latent_dist.mean.float() * scale
+            latents = scale_latents(vae, vae.encode(pixels).latent_dist.mean.float())
             cond = family.encode(comps, batch, tuple(pixels.shape[-2:]), dtype)
             tok_index, tok_valid = batch["token_index"].to(device), batch["token_valid"].to(device)
             per_t: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
@@ -175,8 +175,8 @@ def evaluate_grounding_groups(
                     ]
                 ).to(device)
                 tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
-                noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
-                unet(noisy, tt, **cond)
+                noisy, t_model = family.noisy_at(scheduler, latents, noise, tt)
+                family.predict(unet, noisy.to(dtype), t_model, cond)
                 sizes.update({n: cap.size_of(n) for n in captured})
                 for g, ns in names.items():
                     per_t[g].append(phrase_score_maps(cap.by_size(ns), tok_index, tok_valid, size).cpu())

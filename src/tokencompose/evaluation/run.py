@@ -225,7 +225,6 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     """``tokencompose evaluate grounding``: phrase attention vs masks; returns (and writes) the results."""
     import tempfile
 
-    from diffusers import DDPMScheduler
     from torch.utils.data import DataLoader
 
     s = settings
@@ -242,7 +241,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
         )
         scores = evaluate_grounding(
             comps,
-            DDPMScheduler.from_config(comps.scheduler.config),  # the training noise schedule
+            comps.scheduler,  # the training noise schedule
             loader, timesteps=s.timesteps, layers=s.layers, eval_size=(eval_size, eval_size),
             thresholds=s.thresholds, seed=s.seed,
         )  # fmt: skip

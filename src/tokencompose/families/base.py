@@ -208,6 +208,12 @@ class Family:
         eps = noise.randn(tuple(latents.shape), device)
         return scheduler.add_noise(latents, eps, t), t, eps
 
+    def noisy_at(
+        self, scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy, model timestep)`` at integer training timesteps ``t [B]`` (evaluation: fixed noise levels)."""
+        return scheduler.add_noise(latents, eps, t), t
+
     def predict(self, model: Any, noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         """The denoiser's prediction ``[B, C, h, w]`` (``model`` may be DDP-wrapped)."""
         return model(noisy, t, **cond).sample

@@ -61,5 +61,13 @@ class FlowFamily(Family):
         noisy = (1 - s) * latents + s * eps
         return noisy, sigma * scheduler.config.num_train_timesteps, eps
 
+    def noisy_at(
+        self, scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep ``t`` of ``T`` is ``sigma = t / T`` (no shift: a fixed noise level is asked for)."""
+        sigma = t.float() / scheduler.config.num_train_timesteps
+        s = sigma.view(-1, *([1] * (latents.ndim - 1)))
+        return (1 - s) * latents + s * eps, sigma * scheduler.config.num_train_timesteps
+
     def target(self, scheduler: Any, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return eps - latents  # velocity of the straight path from data to noise

@@ -97,7 +97,6 @@ def check_settings(s: ProbeSettings, num_train_timesteps: int) -> None:
 
 def run_probe(settings: ProbeSettings) -> dict[str, Any]:
     """``tokencompose probe layers``: score every candidate layer per timestep bucket; writes and returns the result."""
-    from diffusers import DDPMScheduler
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -106,7 +105,7 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
         raise UserError("probe layers needs --out (the output folder)")
     check_grounding_data(s, "probe layers")
     comps = load_model(s.model)
-    scheduler = DDPMScheduler.from_config(comps.scheduler.config)  # the training noise schedule
+    scheduler = comps.scheduler  # the training noise schedule
     check_settings(s, int(scheduler.config.num_train_timesteps))
     try:
         names = unet_order(select_layers(comps.unet, s.layers))

@@ -18,6 +18,7 @@ import torch
 
 from tokencompose.families import family_of
 from tokencompose.losses import denoise_loss, grounding_losses
+from tokencompose.models import scale_latents
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,7 @@ def batch_latents(vae: Any, batch: dict[str, Any], noise: NoiseSource, device: t
         with torch.no_grad():
             dist = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
-    z = mean + std * noise.randn(tuple(mean.shape), device)
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        z = z - shift
-    return z * vae.config.scaling_factor
+    return scale_latents(vae, mean + std * noise.randn(tuple(mean.shape), device))
 
 
 def _size_key(size: tuple[int, int]) -> str:

@@ -26,6 +26,7 @@ import torch
 from tokencompose.attention import AttentionCapture
 from tokencompose.families import family_of
 from tokencompose.loading import default_image_size, make_scheduler, pipeline_from_components
+from tokencompose.models import scale_latents
 from tokencompose.visualize.aggregate import Size, TimestepAccumulator
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def image_attention(
     family = family_of(comps)
     dtype = next(unet.parameters()).dtype
     px = pixel_values.to(device, vae.dtype)
-    latents = vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+    latents = scale_latents(vae, vae.encode(px).latent_dist.mean)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
     text = {**family.tokenize(comps, list(captions)), **(geometry or {})}
@@ -164,8 +165,8 @@ def image_attention(
     with AttentionCapture(unet, layers=layers) as cap:
         for level in noise_levels:
             t = torch.full((latents.shape[0],), int(level), device=device, dtype=torch.long)
-            noisy = comps.scheduler.add_noise(latents, noise, t)
-            unet(noisy.to(dtype), t, **cond)
+            noisy, t_model = family.noisy_at(comps.scheduler, latents, noise, t)
+            family.predict(unet, noisy.to(dtype), t_model, cond)
             acc.add(cap.by_size())
     return acc.mean()
 

@@ -1,4 +1,4 @@
-"""Capture of cross-attention probabilities on chosen UNet layers.
+"""Capture of cross-attention probabilities on chosen UNet layers (and joint-attention transformer layers).
 
 TokenCompose supervises the cross-attention maps ``A = softmax(Q K^T / sqrt(d))`` of a few layers
 (SD 1.x default: the ``attn2`` of the mid block and of every up-block transformer, 10 layers). Fused
@@ -6,8 +6,9 @@ kernels (SDPA / flash) never materialise ``A``, so on the supervised layers only
 processor that computes the probabilities explicitly (softmax in float32) and keeps them, with
 autograd intact, for the losses. Every other layer keeps its fused processor.
 
-Installation goes through diffusers' attention-processor API (``set_attn_processor``) and is undone
-on exit of :class:`AttentionCapture`; nothing is monkey-patched.
+Installation goes through diffusers' attention-processor API (``Attention.set_processor`` on the
+supervised layers: the per-layer half of ``set_attn_processor``, which diffusers 0.30's Flux model
+lacks) and is undone on exit of :class:`AttentionCapture`; nothing is monkey-patched.
 
 Store semantics: a forward pre-hook on the UNet clears and arms the store at the start of every UNet
 forward, and each layer keeps the **first** map it produces in that forward. Gradient checkpointing
@@ -16,6 +17,10 @@ losses already hold nor add new ones: first-write-wins covers a recompute before
 ``clear()`` disarms the store until the next forward, so a recompute after it (the usual case: the
 step clears the store before ``backward``) records nothing and the maps are freed with the graph.
 
+Joint-attention transformers (SD3, Flux) have no cross-attention layer; their text-conditioned
+layers get the capturing processors of :mod:`tokencompose.joint_attention`, chosen by the type of the
+processor they replace (``JointAttnProcessor2_0``, ``FluxAttnProcessor``...), with the same store.
+
 Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens (77 for CLIP).
 """
 
@@ -23,44 +28,64 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tokencompose.joint_attention import DEFAULT_CHUNK_SIZE, NORMALIZATIONS, joint_capture_class, token_grid
+
 Size = tuple[int, int]
 
-# Block prefixes accepted in a layer selection, besides fnmatch patterns on full module names.
+# Groups accepted in a layer selection, besides module names and fnmatch patterns: UNet blocks, and the
+# double-stream ("joint": SD3's and Flux's) and single-stream (Flux) blocks of joint-attention transformers.
 _BLOCK_PREFIXES = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+_BLOCK_PREFIXES.update(joint="transformer_blocks.", single="single_transformer_blocks.")
+
+
+def _capture_class(module: torch.nn.Module) -> type | None:
+    """The capturing processor for an attention module by its processor's type (joint-attention twins, else
+    :class:`CaptureAttnProcessor` for a cross-attention layer); None: the layer does not attend to text."""
+    if not hasattr(module, "set_processor"):
+        return None
+    joint = joint_capture_class(module)
+    if joint is not None:
+        return joint
+    return CaptureAttnProcessor if getattr(module, "is_cross_attention", False) else None
 
 
 def cross_attention_names(unet: torch.nn.Module) -> list[str]:
-    """Module names of every cross-attention (text-conditioned) layer of a diffusers UNet, in model order."""
-    names = []
-    for name, module in unet.named_modules():
-        if getattr(module, "is_cross_attention", False) and hasattr(module, "set_processor"):
-            names.append(name)
-    return names
+    """Module names of every text-conditioned attention layer, in model order.
+
+    UNets: the cross-attention layers (``...attn2``). SD3: the joint attention of every
+    ``transformer_blocks.N``; Flux: that of every double- and single-stream block.
+    """
+    return [name for name, module in unet.named_modules() if _capture_class(module) is not None]
+
+
+def _matches(name: str, sel: str) -> bool:
+    prefix = _BLOCK_PREFIXES.get(sel)
+    if prefix is not None:
+        return name.startswith(prefix)
+    # a module name selects the layers inside it: "transformer_blocks.9" -> "transformer_blocks.9.attn"
+    return name == sel or name.startswith(sel + ".") or fnmatch.fnmatchcase(name, sel)
 
 
 def select_layers(unet: torch.nn.Module, layers: Sequence[str] = ("mid", "up")) -> list[str]:
-    """Cross-attention module names matching ``layers``.
+    """Text-conditioned attention module names matching ``layers``, in model order.
 
-    Each entry is ``"down"``, ``"mid"``, ``"up"`` (every cross-attention layer of those blocks) or an
-    fnmatch pattern on module names, e.g. ``"up_blocks.3.*"``. Raises if nothing matches, since a
-    silently empty selection would train without the grounding losses.
+    Each entry is a group (``"down"``, ``"mid"``, ``"up"`` for UNets; ``"joint"``, ``"single"`` for
+    the double- and single-stream blocks of SD3/Flux), a module name (a layer, or a block such as
+    ``"transformer_blocks.9"`` for the layers inside it) or an fnmatch pattern on module names, e.g.
+    ``"up_blocks.3.*"``. Raises if nothing matches, since a silently empty selection would train
+    without the grounding losses.
     """
     if isinstance(layers, str):
         layers = [layers]
     all_names = cross_attention_names(unet)
-    chosen = []
-    for name in all_names:
-        for sel in layers:
-            prefix = _BLOCK_PREFIXES.get(sel)
-            if (prefix and name.startswith(prefix)) or (not prefix and fnmatch.fnmatchcase(name, sel)):
-                chosen.append(name)
-                break
+    chosen = [name for name in all_names if any(_matches(name, sel) for sel in layers)]
     if not chosen:
         raise ValueError(f"layer selection {list(layers)} matches no cross-attention layer; available: {all_names}")
     return chosen
@@ -70,13 +95,16 @@ class AttentionStore:
     """Per-forward store of attention maps, keyed by layer name.
 
     ``maps[name]`` is ``[B, H, N, L]`` (or ``[B, H, N, K]`` with a column subset); ``sizes[name]`` is
-    the layer's ``(h, w)`` derived from the UNet input's latent size.
+    the layer's ``(h, w)`` derived from the model input: the latent size (UNet, SD3) or the token grid
+    of the position ids (Flux).
     """
 
     def __init__(self) -> None:
         self.maps: dict[str, torch.Tensor] = {}
         self.sizes: dict[str, Size] = {}
-        self.latent_size: Size | None = None
+        self.latent_size: Size | None = None  # [B, C, H, W] input: (H, W)
+        self.grid: Size | None = None  # packed-token input (Flux): (h, w) of the token grid
+        self.text_len: int | None = None  # L of the model's encoder_hidden_states (Flux single-stream layers)
         self.columns: torch.Tensor | None = None  # keep only these token columns (``[K]`` long), or all
         self.armed = True  # records only between a UNet forward's start and the next clear()
 
@@ -93,7 +121,9 @@ class AttentionStore:
         self.armed = True
 
     def spatial_size(self, n: int) -> Size:
-        """``(h, w)`` of a layer with ``n`` query positions: the latent size divided by the layer's stride."""
+        """``(h, w)`` of ``n`` query positions: the token grid, or the latent size over the layer's stride."""
+        if self.grid is not None and self.grid[0] * self.grid[1] == n:
+            return self.grid
         if self.latent_size is not None:
             h0, w0 = self.latent_size
             stride = math.sqrt(h0 * w0 / n)
@@ -232,7 +262,7 @@ def no_store_replay_under_checkpoint() -> contextlib.AbstractContextManager:
 
 
 class AttentionCapture:
-    """Context manager: capture cross-attention probabilities on chosen layers of a UNet.
+    """Context manager: capture text-attention probabilities on chosen layers of a UNet or an MMDiT.
 
     Example::
 
@@ -240,15 +270,25 @@ class AttentionCapture:
             noise_pred = unet(latents, t, text_embeddings).sample
             maps = cap.by_size()  # {(h, w): [Tensor[B, H, N, L], ...]}
 
+        with AttentionCapture(flux, layers=["transformer_blocks.18", "single"], normalize="joint") as cap:
+            flux(packed, hidden_text, pooled, t, img_ids=img_ids, txt_ids=txt_ids)
+            maps = cap.by_size()  # {(h, w) of the token grid: [...]}, N = image tokens only
+
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (or any model with ``set_attn_processor``).
+        unet: a diffusers ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or
+            ``FluxTransformer2DModel`` (any model whose text-conditioned attention modules have
+            ``set_processor``).
         layers: selection passed to :func:`select_layers`.
         keep_cond_only: keep only the second half of the batch (the conditional half of a
             classifier-free-guidance batch).
         columns: keep only these token columns (``[K]`` long) of each map, to save memory; the
             softmax still runs over all ``L`` tokens.
         sdpa_output: layer outputs from the fused attention kernel, maps for the losses only (see
-            :class:`CaptureAttnProcessor`).
+            :class:`CaptureAttnProcessor`); joint-attention layers always work that way.
+        normalize: joint-attention layers only (UNet cross-attention ignores it): ``"joint"``, the
+            model's own probabilities over all image and text keys restricted to the text columns, or
+            ``"text"``, a softmax over the text keys only (see :mod:`tokencompose.joint_attention`).
+        chunk_size: query rows per checkpointed chunk of the ``"joint"`` log-sum-exp.
 
     Under gradient checkpointing, call ``backward`` before leaving the context: the recomputation in
     the backward pass runs whichever processors are installed at that moment (torch's checkpoint then
@@ -262,41 +302,71 @@ class AttentionCapture:
         keep_cond_only: bool = False,
         columns: torch.Tensor | Iterable[int] | None = None,
         sdpa_output: bool = False,
+        normalize: str = "joint",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.unet = unet
         self.names = select_layers(unet, layers)
         self.keep_cond_only = keep_cond_only
         self.sdpa_output = sdpa_output
+        self.normalize = normalize
+        self.chunk_size = chunk_size
         self.store = AttentionStore()
         self.columns = columns
         self._original: dict[str, object] | None = None
         self._hook = None
+        # Where the pre-hook finds inputs passed positionally: UNets take (sample, timestep,
+        # encoder_hidden_states), SD3/Flux (hidden_states, encoder_hidden_states, ..., img_ids).
+        try:
+            params = list(inspect.signature(unet.forward).parameters)
+        except (TypeError, ValueError):
+            params = []
+        self._positions = {p: i for i, p in enumerate(params)}
+
+    def _processor(self, name: str) -> object:
+        module = self.unet.get_submodule(name)
+        cls = _capture_class(module)
+        if cls is CaptureAttnProcessor:
+            return CaptureAttnProcessor(name, self.store, self.keep_cond_only, self.sdpa_output)
+        return cls(name, self.store, self.keep_cond_only, self.normalize, self.chunk_size, original=module.processor)
 
     def __enter__(self) -> AttentionCapture:
-        # set_attn_processor takes a processor for every attention layer: pass the current ones
-        # through unchanged (they stay fused) and replace only the supervised layers.
-        self._original = dict(self.unet.attn_processors)
-        processors = dict(self._original)
+        # Only the supervised layers get a capturing processor; every other layer keeps its fused one.
+        self._original = {name: self.unet.get_submodule(name).processor for name in self.names}
         for name in self.names:
-            processors[f"{name}.processor"] = CaptureAttnProcessor(
-                name, self.store, self.keep_cond_only, self.sdpa_output
-            )
-        self.unet.set_attn_processor(processors)
+            self.unet.get_submodule(name).set_processor(self._processor(name))
         self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._original is not None:
-            self.unet.set_attn_processor(self._original)
+            for name, processor in self._original.items():
+                self.unet.get_submodule(name).set_processor(processor)
         if self._hook is not None:
             self._hook.remove()
         self._original, self._hook = None, None
 
+    def _input(self, args: tuple, kwargs: dict, name: str) -> object:
+        if name in kwargs:
+            return kwargs[name]
+        i = self._positions.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
     def _pre_forward(self, module, args, kwargs) -> None:
-        self.store.start()
-        sample = args[0] if args else kwargs.get("sample")
-        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
-            self.store.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        store = self.store
+        store.start()
+        # The first input: latents [B, C, H, W] (UNet, SD3: the grid is (H, W) over the patch size) or
+        # packed tokens [B, N, C] (Flux: the grid comes from img_ids).
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        is_latent = isinstance(sample, torch.Tensor) and sample.ndim == 4
+        store.latent_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_latent else None
+        context = self._input(args, kwargs, "encoder_hidden_states")
+        has_context = isinstance(context, torch.Tensor) and context.ndim == 3
+        store.text_len = int(context.shape[1]) if has_context else None
+        img_ids = self._input(args, kwargs, "img_ids")
+        store.grid = token_grid(img_ids) if isinstance(img_ids, torch.Tensor) else None
 
     @property
     def columns(self) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokencompose.families.base import SpanFinder
 from tokencompose.models import clip_tokenizer
 from tokencompose.visualize import aggregate as agg
 
@@ -41,7 +42,8 @@ def test_prompt_words_cut_at_text_window(tok):
 
 
 def test_phrase_words_first_occurrence(tok):
-    words = agg.phrase_words(tok, "a red circle and a blue circle", ["blue circle", "circle", "giraffe"])
+    spans = SpanFinder([(tok, 0, "ids")])
+    words = agg.phrase_words(spans, "a red circle and a blue circle", ["blue circle", "circle", "giraffe"])
     assert [(w.text, w.positions) for w in words] == [("blue circle", (6, 7)), ("circle", (3,))]
 
 

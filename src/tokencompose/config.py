@@ -100,6 +100,10 @@ class LossConfig:
     text_spans: Literal["clip", "t5", "both"] = "clip"
     """Which text positions a phrase supervises where the model reads several encoders in sequence (SD3:
     the 77 CLIP positions, the T5 positions after them, or both); families with one index space ignore it."""
+    normalize: Literal["joint", "text"] = "text"
+    """Joint-attention models (SD3, Flux): the supervised map is the image->text block of the joint softmax
+    (``joint``, the model's own probabilities) or that block renormalised over the text keys (``text``, a
+    distribution over text tokens like SD's cross-attention). UNet families ignore it."""
     layers: list[str] | None = None
     """Supervised cross-attention layers: ``mid``, ``up``, ``down`` or fnmatch patterns on layer names; None:
     the family's default (``mid`` + ``up`` for SD, the paper's 10 layers, and for SDXL)."""

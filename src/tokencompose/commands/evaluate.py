@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_grounding_options(
         gr,
         timesteps="comma-separated noise timesteps (100,300,500)",
-        layers="cross-attention layers: mid,up (down, mid, up, patterns)",
+        layers="text-attention layers (default: the family's supervised set; down, mid, up, joint, single, patterns)",
     )
 
 
@@ -62,6 +62,7 @@ def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: st
     option(p, "--eval-size", key="eval_size", help="mask/score resolution (default: the image size)")
     option(p, "--timesteps", key="timesteps", help=timesteps)
     option(p, "--layers", key="layers", help=layers)
+    option(p, "--normalize", key="normalize", help="SD3 / Flux maps: text (renormalised over text keys) | joint")
     option(p, "--thresholds", key="thresholds", help="comma-separated mIoU thresholds (0.1,...,0.9)")
     option(p, "--batch-size", key="batch_size")
     option(p, "--limit", key="limit", help="first N images only")

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_grounding_options(
         la,
         timesteps="comma-separated timesteps, one bucket each (100,...,900)",
-        layers="candidate layers: down,mid,up (blocks or module-name patterns)",
+        layers="candidate layers (default: every text-attention layer; down, mid, up, joint, single, patterns)",
     )
 
 

@@ -27,7 +27,8 @@ def _several(p: argparse.ArgumentParser) -> None:
 
 
 def _attention_opts(p: argparse.ArgumentParser) -> None:
-    option(p, "--layers", key="layers", help="down, mid, up or module-name patterns (mid,up)")
+    option(p, "--layers", key="layers", help="down, mid, up, joint, single or patterns (default: the family's)")
+    option(p, "--normalize", key="normalize", help="SD3 / Flux maps: text (renormalised over text keys) | joint")
     option(p, "--res", key="res", help="attention resolutions (map height) to average, e.g. 16,32; default all")
     option(p, "--cmap", key="cmap", help="colour map (inferno, magma, viridis)")
 

@@ -116,6 +116,7 @@ def evaluate_grounding(
     eval_size: Size | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     seed: int = 0,
+    normalize: str = "text",
 ) -> dict[str, Any]:
     """Grounding scores of a model (``comps``: any family) over ``loader`` batches (``TokenDataset`` + ``collate``).
 
@@ -125,7 +126,7 @@ def evaluate_grounding(
     Returns metrics per timestep and for the map averaged over timesteps (``"mean"``).
     """
     scores, _ = evaluate_grounding_groups(
-        comps, scheduler, loader, {"all": layers}, timesteps, eval_size, thresholds, seed
+        comps, scheduler, loader, {"all": layers}, timesteps, eval_size, thresholds, seed, normalize
     )
     return scores["all"]
 
@@ -140,12 +141,14 @@ def evaluate_grounding_groups(
     eval_size: Size | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     seed: int = 0,
+    normalize: str = "text",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Size]]:
     """:func:`evaluate_grounding` of several layer groups from one UNet forward per (batch, timestep).
 
     ``groups``: ``{name: layer selection}`` (as ``layers`` of :func:`evaluate_grounding`); every group's
     layers are captured at once and each group is scored on its own maps only, so a group's scores equal
-    :func:`evaluate_grounding` with ``layers=`` that selection. Returns ``({name: scores}, {layer: (h, w)})``
+    :func:`evaluate_grounding` with ``layers=`` that selection. ``normalize``: joint-attention maps' normalisation
+    (SD3 / Flux: ``joint`` | ``text``; UNets ignore it). Returns ``({name: scores}, {layer: (h, w)})``
     (the spatial size of each captured layer at the last batch's latent size).
     """
     unet, vae, family = comps.unet, comps.vae, family_of(comps)
@@ -157,7 +160,7 @@ def evaluate_grounding_groups(
     aucs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     sizes: dict[str, Size] = {}
     images = 0
-    with AttentionCapture(unet, layers=captured) as cap:
+    with AttentionCapture(unet, layers=captured, normalize=normalize) as cap:
         for batch in loader:
             size = eval_size or max(batch["masks"], key=lambda s: s[0] * s[1])
             masks = batch["masks"][tuple(size)]

@@ -230,6 +230,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
     s = settings
     check_grounding_data(s, "evaluate grounding")
     comps = load_model(s.model)
+    layers = list(s.layers) if s.layers is not None else list(family_of(comps).default_layers)
     out_dir = Path(s.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +243,7 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
         scores = evaluate_grounding(
             comps,
             comps.scheduler,  # the training noise schedule
-            loader, timesteps=s.timesteps, layers=s.layers, eval_size=(eval_size, eval_size),
+            loader, timesteps=s.timesteps, layers=layers, eval_size=(eval_size, eval_size), normalize=s.normalize,
             thresholds=s.thresholds, seed=s.seed,
         )  # fmt: skip
     result = {
@@ -250,7 +251,8 @@ def run_grounding(settings: GroundingSettings) -> dict[str, Any]:
         "name": s.name,
         "model": model_record(s.model),
         "data": data_info,
-        "layers": ",".join(s.layers),
+        "layers": ",".join(layers),
+        "normalize": s.normalize,
         "seed": s.seed,
         "dtype": str(comps.unet.dtype),
         "device": str(comps.unet.device),

@@ -115,8 +115,11 @@ class GroundingSettings:
     """Mask/score resolution (default: the image size)."""
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500])
     """Noise timesteps the attention is read at (averaged)."""
-    layers: list[str] = field(default_factory=lambda: ["mid", "up"])
-    """Cross-attention layers to aggregate (``down``, ``mid``, ``up``, or module-name patterns)."""
+    layers: list[str] | None = None
+    """Text-attention layers to aggregate (``down``, ``mid``, ``up``; ``joint``, ``single``; blocks or module-name
+    patterns); None: the model family's supervised default (``mid`` + ``up`` for SD / SDXL)."""
+    normalize: Literal["joint", "text"] = "text"
+    """SD3 / Flux: the image->text block of the joint softmax (``joint``) or renormalised over text (``text``)."""
     thresholds: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     """Thresholds of the mIoU sweep."""
     batch_size: int = 4

@@ -88,6 +88,8 @@ class Family:
     """Subfolders of a pipeline folder holding text encoders and tokenizers."""
     default_layers: ClassVar[tuple[str, ...]] = ("mid", "up")
     """Supervised cross-attention layers when ``loss.layers`` is not given (see ``tokencompose probe layers``)."""
+    probe_layers: ClassVar[tuple[str, ...]] = ("down", "mid", "up")
+    """Candidate layers of ``tokencompose probe layers`` (every text-attention layer of the denoiser)."""
     denoiser_folder: ClassVar[str] = "unet"
     """Subfolder of the denoiser in a pipeline folder (``transformer`` for SD3 / Flux)."""
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"

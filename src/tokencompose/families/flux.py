@@ -56,6 +56,7 @@ class Flux(FlowFamily):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     default_layers: ClassVar[tuple[str, ...]] = tuple(f"transformer_blocks.{i}" for i in (15, 16, 17, 18))
+    probe_layers: ClassVar[tuple[str, ...]] = ("joint", "single")
     denoiser_folder: ClassVar[str] = "transformer"
     denoiser_class: ClassVar[str] = "FluxTransformer2DModel"
 

@@ -37,6 +37,7 @@ class SD3(FlowFamily):
         "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
     )  # fmt: skip
     default_layers: ClassVar[tuple[str, ...]] = ("transformer_blocks.9",)
+    probe_layers: ClassVar[tuple[str, ...]] = ("joint",)
     denoiser_folder: ClassVar[str] = "transformer"
     denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
 

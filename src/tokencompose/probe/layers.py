@@ -34,6 +34,7 @@ from tokencompose.evaluation.run import (
     save_settings,
 )
 from tokencompose.evaluation.settings import GroundingSettings
+from tokencompose.families import family_of
 from tokencompose.loading import load_model
 from tokencompose.typed_data import to_dict
 from tokencompose.versions import package_versions
@@ -57,12 +58,17 @@ class ProbeSettings(GroundingSettings):
 
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """Noise timesteps, each its own bucket (a column of the table)."""
-    layers: list[str] = field(default_factory=lambda: ["down", "mid", "up"])
-    """Candidate layers, each scored alone (``down``, ``mid``, ``up``, or module-name patterns)."""
+    layers: list[str] | None = None
+    """Candidate layers, each scored alone (``down``, ``mid``, ``up``; ``joint``, ``single``; blocks or module-name
+    patterns); None: every text-attention layer of the model (its family's candidates)."""
 
 
 def block_of(name: str) -> str:
-    """``down`` / ``mid`` / ``up`` of a diffusers UNet module name (``other`` otherwise)."""
+    """``down`` / ``mid`` / ``up`` of a UNet module name, ``joint`` / ``single`` of an SD3 / Flux one."""
+    if name.startswith("transformer_blocks."):
+        return "joint"
+    if name.startswith("single_transformer_blocks."):
+        return "single"
     return next((b for b in BLOCKS if name.startswith(f"{b}_block")), "other")
 
 
@@ -73,7 +79,11 @@ def unet_order(names: list[str]) -> list[str]:
 
 
 def short_name(name: str) -> str:
-    """``up_blocks.1.attentions.2.transformer_blocks.0.attn2`` -> ``up1.a2.t0`` (figure labels)."""
+    """``up_blocks.1.attentions.2.transformer_blocks.0.attn2`` -> ``up1.a2.t0``, ``transformer_blocks.9.attn`` ->
+    ``j9``, ``single_transformer_blocks.3.attn`` -> ``s3`` (figure labels)."""
+    if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        kind, index = name.split(".")[:2]
+        return ("s" if kind.startswith("single") else "j") + index
     for long, short in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block", "mid"),
                         (".attentions.", ".a"), (".transformer_blocks.", ".t"), (".attn2", "")):  # fmt: skip
         name = name.replace(long, short)
@@ -108,7 +118,8 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
     scheduler = comps.scheduler  # the training noise schedule
     check_settings(s, int(scheduler.config.num_train_timesteps))
     try:
-        names = unet_order(select_layers(comps.unet, s.layers))
+        candidates = s.layers if s.layers is not None else family_of(comps).probe_layers
+        names = unet_order(select_layers(comps.unet, candidates))
     except ValueError as err:
         raise UserError(str(err)) from err
     out_dir = Path(s.out)
@@ -123,6 +134,7 @@ def run_probe(settings: ProbeSettings) -> dict[str, Any]:
         scores, sizes = evaluate_grounding_groups(
             comps, scheduler, loader, {n: [n] for n in names},
             timesteps=s.timesteps, eval_size=(eval_size, eval_size), thresholds=s.thresholds, seed=s.seed,
+            normalize=s.normalize,
         )  # fmt: skip
     seconds = time.perf_counter() - start
     buckets = [str(t) for t in s.timesteps]

@@ -184,6 +184,7 @@ def _train(cfg: Config, extra_terms: Sequence[LossTerm], cpu: bool) -> TrainResu
                         accelerator.unwrap_model(unet),
                         setup.supervised_layers(cfg, comps),
                         sdpa_output=cfg.loss.capture_sdpa_output,
+                        normalize=cfg.loss.normalize,
                     )
                 )
             for t in specs:

@@ -11,7 +11,7 @@ Shapes: ``B`` batch, ``H`` heads, ``N = h*w`` query positions, ``L`` text tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.maps import head_layer_mean
-from tokencompose.tokens import phrase_token_positions, text_token_ids
+from tokencompose.tokens import text_token_ids
 
 Size = tuple[int, int]
 
@@ -41,40 +41,54 @@ def prompt_words(
     punctuation: bool = False,
     max_length: int | None = None,
 ) -> list[Word]:
-    """Split ``prompt`` into words, each with the positions of its sub-tokens.
+    """Split ``prompt`` into words, each with the positions of its sub-tokens in the encoder's input.
 
-    CLIP's BPE marks the last sub-token of every word with ``</w>``, so sub-tokens are grouped up to
-    that mark (``"tokencompose"`` -> ``token`` + ``compose</w>`` -> one word). Tokenizers without the
-    mark get one word per token. Words past the text window are cut; punctuation-only words are dropped
-    unless ``punctuation``; ``special`` adds the start and end tokens as words ``<start>``/``<end>``.
+    CLIP's BPE marks the last sub-token of every word with ``</w>``, SentencePiece (T5) the first with
+    ``▁``; sub-tokens are grouped by that mark (``"tokencompose"`` -> ``token`` + ``compose</w>`` -> one
+    word). Tokenizers with neither get one word per token. Positions count a start token when the
+    tokenizer adds one (CLIP: the first word is at 1; T5: at 0). Words past the text window are cut;
+    punctuation-only words are dropped unless ``punctuation``; ``special`` adds the start token (if any)
+    and the end token as words ``<start>``/``<end>``.
     """
     if max_length is None:
         max_length = int(getattr(tokenizer, "model_max_length", 77))
     ids = text_token_ids(tokenizer, prompt)
-    ids = ids[: max_length - 2]  # the window holds start + tokens + end
+    full = list(tokenizer(prompt, truncation=False)["input_ids"])
+    start = 1 if full[:1] != ids[:1] else 0  # a start token shifts every position by one
+    ids = ids[: max_length - 1 - start]  # the window holds [start] + tokens + end
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    marked = any(t.endswith("</w>") for t in tokens)
-    words: list[Word] = []
-    pieces: list[str] = []
-    positions: list[int] = []
+    ends = any(t.endswith("</w>") for t in tokens)
+    starts = not ends and any(t.startswith("▁") for t in tokens)
+    groups: list[list[int]] = []
     for i, tok in enumerate(tokens):
-        pieces.append(tok.removesuffix("</w>") if marked else tokenizer.convert_tokens_to_string([tok]).strip())
-        positions.append(i + 1)
-        if not marked or tok.endswith("</w>") or i == len(tokens) - 1:
-            words.append(Word("".join(pieces), tuple(positions)))
-            pieces, positions = [], []
+        if (
+            not groups
+            or (ends and tokens[i - 1].endswith("</w>"))
+            or (starts and tok.startswith("▁"))
+            or not (ends or starts)
+        ):
+            groups.append([])
+        groups[-1].append(i)
+    words = []
+    for group in groups:
+        pieces = [tokens[i] for i in group]
+        text = "".join(p.removesuffix("</w>") for p in pieces) if ends else tokenizer.convert_tokens_to_string(pieces)
+        words.append(Word(text.strip(), tuple(i + start for i in group)))
     if not punctuation:
         words = [w for w in words if any(ch.isalnum() for ch in w.text)]
     if special:
-        words = [Word(START, (0,)), *words, Word(END, (len(ids) + 1,))]
+        words = ([Word(START, (0,))] if start else []) + [*words, Word(END, (len(ids) + start,))]
     return words
 
 
-def phrase_words(tokenizer: Any, prompt: str, phrases: Sequence[str]) -> list[Word]:
-    """Words for chosen phrases of ``prompt`` (first occurrence, the training rule); unknown ones skipped."""
+def phrase_words(
+    spans: Callable[[str, str], tuple[list[int] | None, Any]], prompt: str, phrases: Sequence[str]
+) -> list[Word]:
+    """Words for chosen phrases of ``prompt``, placed by the model's phrase-span rule ``spans`` (the training
+    rule: :meth:`tokencompose.families.base.Family.span_finder`); phrases it cannot place are skipped."""
     out = []
     for phrase in phrases:
-        pos = phrase_token_positions(tokenizer, prompt, phrase)
+        pos, _ = spans(prompt, phrase)
         if pos is not None:
             out.append(Word(phrase, tuple(pos)))
     return out

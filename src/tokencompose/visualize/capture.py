@@ -60,23 +60,26 @@ def generate_with_attention(
     steps: int = 50,
     guidance: float = 7.5,
     size: int | None = None,
-    layers: Sequence[str] = ("mid", "up"),
+    layers: Sequence[str] | None = None,
     sizes: Sequence[Size] | None = None,
     t_range: tuple[float, float] | None = None,
     device: torch.device | str = "cpu",
     scheduler: str = "ddim",
+    normalize: str = "text",
 ) -> tuple[np.ndarray, dict[Size, torch.Tensor], list[int]]:
     """Generate one image and average its cross-attention over the steps with timestep in ``t_range``.
 
     Returns ``(image uint8 [S, S, 3], {(h, w): [1, L, h, w]}, timesteps used)``. ``t_range`` is
-    inclusive, in the scheduler's timestep units (0..1000 for SD); None keeps every step.
+    inclusive, in the scheduler's timestep units (0..1000 for SD); None keeps every step. ``layers``: None =
+    the family's supervised default; ``normalize``: the joint-attention maps' normalisation (SD3 / Flux).
     """
     size = size or default_image_size(comps)
     pipe = sampling_pipeline(comps, scheduler).to(device)
     cfg = guidance > 1.0  # diffusers runs the [uncond; cond] batch only then
     acc = TimestepAccumulator(sizes)
     used: list[int] = []
-    with AttentionCapture(comps.unet, layers=layers, keep_cond_only=cfg) as cap:
+    layers = layers or family_of(comps).default_layers
+    with AttentionCapture(comps.unet, layers=layers, keep_cond_only=cfg, normalize=normalize) as cap:
 
         def on_step(_pipe: Any, _i: int, t: Any, kwargs: dict) -> dict:
             t = int(t)
@@ -138,10 +141,11 @@ def image_attention(
     captions: Sequence[str],
     noise_levels: Sequence[int] = (400,),
     seed: int = 0,
-    layers: Sequence[str] = ("mid", "up"),
+    layers: Sequence[str] | None = None,
     sizes: Sequence[Size] | None = None,
     device: torch.device | str = "cpu",
     geometry: Mapping[str, torch.Tensor] | None = None,
+    normalize: str = "text",
 ) -> dict[Size, torch.Tensor]:
     """Attention of a model on real images: ``pixel_values [B, 3, S, S]`` in [-1, 1], one caption each.
 
@@ -162,7 +166,7 @@ def image_attention(
     text = {**family.tokenize(comps, list(captions)), **(geometry or {})}
     cond = family.encode(comps, text, tuple(px.shape[-2:]), dtype)
     acc = TimestepAccumulator(sizes)
-    with AttentionCapture(unet, layers=layers) as cap:
+    with AttentionCapture(unet, layers=layers or family.default_layers, normalize=normalize) as cap:
         for level in noise_levels:
             t = torch.full((latents.shape[0],), int(level), device=device, dtype=torch.long)
             noisy, t_model = family.noisy_at(comps.scheduler, latents, noise, t)

@@ -62,7 +62,7 @@ def record_settings(files: Sequence[Path], settings: dict[str, Any]) -> None:
 def _word_figure(
     image: np.ndarray,
     token_maps: dict[agg.Size, torch.Tensor],
-    tokenizer: Any,
+    comps: Any,
     prompt: str,
     resolutions: Sequence[int] | None,
     words: Sequence[str] | None,
@@ -73,7 +73,9 @@ def _word_figure(
 ) -> Any:
     chosen = agg.select_sizes(token_maps, resolutions)
     combined = agg.combine_resolutions({s: token_maps[s] for s in chosen})  # [1, L, h, w]
-    ws = agg.phrase_words(tokenizer, prompt, words) if words else agg.prompt_words(tokenizer, prompt, special)
+    family = family_of(comps)
+    tokenizer, spans = family.index_tokenizer(comps), family.span_finder(comps)
+    ws = agg.phrase_words(spans, prompt, words) if words else agg.prompt_words(tokenizer, prompt, special)
     if words and special:
         ws = [*agg.prompt_words(tokenizer, prompt, True)[:1], *ws, *agg.prompt_words(tokenizer, prompt, True)[-1:]]
     per_word = agg.word_maps(combined, ws, merge)
@@ -90,7 +92,7 @@ def attention_from_prompt(
     steps: int = 50,
     guidance: float = 7.5,
     size: int | None = None,
-    layers: Sequence[str] = ("mid", "up"),
+    layers: Sequence[str] | None = None,
     resolutions: Sequence[int] | None = None,
     t_range: tuple[float, float] | None = None,
     words: Sequence[str] | None = None,
@@ -100,16 +102,15 @@ def attention_from_prompt(
     dpi: int = 150,
     device: Any = "cpu",
     label: str = "",
+    normalize: str = "text",
 ) -> Path:
     """Generate ``prompt`` with capture and write the per-word attention figure into ``out`` (a folder)."""
     image, maps, used = capture.generate_with_attention(
-        comps, prompt, seed, steps, guidance, size, layers, None, t_range, device
+        comps, prompt, seed, steps, guidance, size, layers, None, t_range, device, normalize=normalize
     )
     log.info("attention averaged over %d steps (timesteps %s..%s)", len(used), used[-1], used[0])
     title = f"{label + ': ' if label else ''}{prompt} (seed {seed})"
-    fig = _word_figure(
-        image, maps, family_of(comps).index_tokenizer(comps), prompt, resolutions, words, special, merge, cmap, title
-    )
+    fig = _word_figure(image, maps, comps, prompt, resolutions, words, special, merge, cmap, title)
     file = save_png(fig, out / f"attention_{slug(label + '_' + prompt if label else prompt)}_s{seed}.png", dpi)
     add_to_manifest(out, "attention", file, title, prompt=prompt, seed=seed, timesteps=used)
     return file
@@ -123,7 +124,7 @@ def attention_from_image(
     seed: int = 0,
     noise_levels: Sequence[int] = (400,),
     size: int | None = None,
-    layers: Sequence[str] = ("mid", "up"),
+    layers: Sequence[str] | None = None,
     resolutions: Sequence[int] | None = None,
     words: Sequence[str] | None = None,
     special: bool = False,
@@ -132,15 +133,17 @@ def attention_from_image(
     dpi: int = 150,
     device: Any = "cpu",
     label: str = "",
+    normalize: str = "text",
 ) -> Path:
     """Per-word attention of an existing image + caption, noised at ``noise_levels`` with ``seed``."""
     size = size or default_image_size(comps)
     px, _ = load_image(image_path, size)  # the training pipeline's resize + centre crop
-    maps = capture.image_attention(comps, px[None], [caption], noise_levels, seed, layers, None, device)
+    maps = capture.image_attention(
+        comps, px[None], [caption], noise_levels, seed, layers, None, device, normalize=normalize
+    )
     title = f"{label + ': ' if label else ''}{caption} (t={','.join(map(str, noise_levels))}, seed {seed})"
     image = capture.to_uint8_image(px)
-    tokenizer = family_of(comps).index_tokenizer(comps)
-    fig = _word_figure(image, maps, tokenizer, caption, resolutions, words, special, merge, cmap, title)
+    fig = _word_figure(image, maps, comps, caption, resolutions, words, special, merge, cmap, title)
     name = f"attention_{slug((label + '_' if label else '') + Path(image_path).stem + '_' + caption)}_s{seed}.png"
     file = save_png(fig, out / name, dpi)
     add_to_manifest(out, "attention", file, title, caption=caption, image=str(image_path), seed=seed)
@@ -156,11 +159,12 @@ def mask_comparisons(
     seed: int = 0,
     noise_levels: Sequence[int] = (400,),
     size: int | None = None,
-    layers: Sequence[str] = ("mid", "up"),
+    layers: Sequence[str] | None = None,
     resolutions: Sequence[int] | None = None,
     cmap: str = "inferno",
     dpi: int = 150,
     device: Any = "cpu",
+    normalize: str = "text",
 ) -> list[Path]:
     """For dataset samples: each phrase's mask beside each model's attention for it; one PNG per sample.
 
@@ -183,14 +187,23 @@ def mask_comparisons(
             comps = load_model(settings)
         geometry = {k: batch[k] for k in ("original_size", "crop_top_left")}
         maps = capture.image_attention(
-            comps, batch["pixel_values"], batch["captions"], noise_levels, seed, layers, None, device, geometry
+            comps,
+            batch["pixel_values"],
+            batch["captions"],
+            noise_levels,
+            seed,
+            layers,
+            None,
+            device,
+            geometry,
+            normalize,
         )
         chosen = agg.select_sizes(maps, resolutions)
         combined = agg.upsample(agg.combine_resolutions({s: maps[s] for s in chosen}), (size, size))
         # Phrase positions from this model's own tokenizer (a model may tokenize differently).
         pm = torch.zeros(len(idx), masks.shape[1], size, size)
         for b, (caption, phrases) in enumerate(zip(batch["captions"], batch["phrases"], strict=True)):
-            for w in agg.phrase_words(family_of(comps).index_tokenizer(comps), caption, phrases):
+            for w in agg.phrase_words(family_of(comps).span_finder(comps), caption, phrases):
                 pm[b, phrases.index(w.text)] = agg.word_maps(combined[b : b + 1], [w])[0, 0]  # the phrase map (sum)
         scores[label] = agg.mass_in_mask(pm, masks)
         per_model[label] = agg.normalize(pm)

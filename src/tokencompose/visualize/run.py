@@ -61,8 +61,11 @@ class VisualizeSettings:
     """attention: also show the start and end tokens."""
     merge: Literal["sum", "mean"] = "sum"
     """attention: how a word's sub-tokens merge (sum: the phrase map of ``tokencompose.maps``)."""
-    layers: list[str] = field(default_factory=lambda: ["mid", "up"])
-    """Cross-attention layers read (down, mid, up, or module-name patterns)."""
+    layers: list[str] | None = None
+    """Text-attention layers read (down, mid, up; joint, single; blocks or module-name patterns); None: the
+    model family's supervised default."""
+    normalize: Literal["joint", "text"] = "text"
+    """SD3 / Flux: the image->text block of the joint softmax (``joint``) or renormalised over text (``text``)."""
     res: list[int] = field(default_factory=list)
     """Attention resolutions (map heights) to average; default all."""
     cmap: str = "inferno"
@@ -131,7 +134,8 @@ def _draw(s: VisualizeSettings) -> list[Path]:
         label = s.label or (checkpoint_label(s.model.checkpoint) if s.model.checkpoint else "base")
         comps = load_model(s.model)
         out.mkdir(parents=True, exist_ok=True)
-        common = dict(size=s.resolution, layers=s.layers, resolutions=s.res or None, words=s.words or None,
+        common = dict(size=s.resolution, layers=s.layers, normalize=s.normalize, resolutions=s.res or None,
+                      words=s.words or None,
                       special=s.special, merge=s.merge, cmap=s.cmap, dpi=s.dpi, device=device, label=label)  # fmt: skip
         if s.image is not None:
             return [make.attention_from_image(comps, s.image, s.prompts[0], out, s.seed, s.timesteps, **common)]
@@ -144,7 +148,7 @@ def _draw(s: VisualizeSettings) -> list[Path]:
             raise UserError("masks: name a metadata.jsonl with phrase masks (--data)")
         out.mkdir(parents=True, exist_ok=True)
         return make.mask_comparisons(s.data, models, out, s.indices or None, s.num, s.seed, s.timesteps, s.resolution,
-                                     s.layers, s.res or None, s.cmap, s.dpi, device)  # fmt: skip
+                                     s.layers, s.res or None, s.cmap, s.dpi, device, s.normalize)  # fmt: skip
     prompts = list(s.prompts)
     if s.prompts_file:
         prompts += [ln.strip() for ln in Path(s.prompts_file).read_text().splitlines() if ln.strip()]

@@ -19,6 +19,7 @@ from tokencompose.evaluation.generation import (
     save_png_atomic,
 )
 from tokencompose.evaluation.prompts import sample_prompts
+from tokencompose.families import get_family
 from tokencompose.loading import ModelSettings, base_scheduler_config, load_pipeline, make_scheduler
 from tokencompose.models import tiny_components
 
@@ -44,7 +45,7 @@ def test_seeds_are_stable_and_distinct() -> None:
 def test_default_preset_is_the_papers(model_dir: Path, pipe) -> None:
     s = GenerationSettings()
     assert (s.steps, s.guidance_scale, s.resolution, s.images_per_prompt) == (50, 7.5, None, 10)  # None: native
-    assert s.scheduler == "pndm" and s.safety_checker is False
+    assert s.scheduler == "auto" and get_family("sd").sampler == "pndm" and s.safety_checker is False
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.scheduler.config.skip_prk_steps
     assert pipe.safety_checker is None
     assert type(make_scheduler(base_scheduler_config(model_dir), "default")).__name__ == "DDPMScheduler"

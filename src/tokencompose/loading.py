@@ -95,6 +95,11 @@ def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path | None
     raise UserError(f"checkpoint {path} holds neither unet/ nor {LORA_FILE}: is it a training checkpoint?")
 
 
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's config with its ``_class_name`` (absent from one built in code rather than loaded)."""
+    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
+
+
 def make_scheduler(config: dict[str, Any], name: str = "default") -> Any:
     """A sampling scheduler of kind ``name`` configured from a model's scheduler ``config``."""
     import diffusers
@@ -103,6 +108,8 @@ def make_scheduler(config: dict[str, Any], name: str = "default") -> Any:
         raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     if name == "default":
         return getattr(diffusers, config["_class_name"]).from_config(config)
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        raise UserError(f"this model samples with its flow-matching scheduler, not {name}: use --scheduler auto")
     classes = {
         "pndm": diffusers.PNDMScheduler,
         "ddim": diffusers.DDIMScheduler,

@@ -50,8 +50,10 @@ class GenerationSettings:
     """Image height and width in pixels; None: the model's native size (UNet sample size x VAE factor)."""
     images_per_prompt: int = 10
     """Images per prompt, each with its own seed."""
-    scheduler: Literal["pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm", "default"] = "pndm"
-    """Sampler: ``pndm`` | ``ddim`` | ``ddpm`` | ``euler`` | ``euler-ancestral`` | ``dpm`` | ``default``."""
+    scheduler: Literal["auto", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm", "default"] = "auto"
+    """Sampler: ``auto`` (the family's: PNDM for SD / SDXL as the paper, the model's own flow-matching scheduler for
+    SD3 / Flux; recorded as what it resolved to) | ``pndm`` | ``ddim`` | ``ddpm`` | ``euler`` | ``euler-ancestral`` |
+    ``dpm`` | ``default`` (the model folder's own)."""
     seed: int = 0
     """Base seed; image seeds derive from (seed, prompt id, index)."""
     negative_prompt: str | None = None

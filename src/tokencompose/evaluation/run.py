@@ -40,7 +40,7 @@ from tokencompose.evaluation.settings import (
     MultiGenSettings,
     ShardSettings,
 )
-from tokencompose.families import denoiser_of, family_of, family_of_pipeline
+from tokencompose.families import denoiser_of, family_of, family_of_pipeline, resolve_family
 from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory, resolve_device
 from tokencompose.typed_data import to_dict
 
@@ -113,6 +113,9 @@ def _generate(
     if not generation.safety_checker:
         log.info("safety checker: off (pass --safety-checker to run the model's own)")
     settings = dataclasses.replace(model, device=str(shard.device))
+    if generation.scheduler == "auto":  # recorded as what it resolves to
+        sampler = resolve_family(model.family, model.model).sampler
+        generation = dataclasses.replace(generation, scheduler=sampler)
     pipe = load_pipeline(settings, scheduler=generation.scheduler, safety_checker=generation.safety_checker)
     denoiser = denoiser_of(pipe)
     native = family_of_pipeline(pipe).native_size(denoiser, pipe.vae_scale_factor)

@@ -59,9 +59,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def detect_family(model: str | Path, revision: str | None = None) -> str:
     """The family of a pipeline folder or hub id, from its ``model_index.json`` (or, lacking one, its parts)."""
+    from tokencompose.models import looks_like_path
+
     if str(model) == "tiny":
         return "sd"
     path = Path(str(model)).expanduser()
+    if not path.exists() and looks_like_path(model):
+        raise UserError(f"model folder {model} does not exist (give a diffusers-layout folder or a hub id)")
     if path.is_dir():
         index = _read_json(path / "model_index.json")
         unet = _read_json(path / "unet" / "config.json") or {}
@@ -74,7 +78,7 @@ def detect_family(model: str | Path, revision: str | None = None) -> str:
             index = dict(DiffusionPipeline.load_config(str(model), revision=revision))
         except Exception as err:  # offline, unknown id, no index: the user names the family
             raise UserError(
-                f"cannot read {model}'s model_index.json ({err}); set its family (sd | sdxl | sd3)"
+                f"cannot read {model}'s model_index.json ({err}); set its family ({' | '.join(FAMILIES)})"
             ) from None
         unet = {}
     name = (index or {}).get("_class_name", "")

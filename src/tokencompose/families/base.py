@@ -90,6 +90,10 @@ class Family:
     """Supervised cross-attention layers when ``loss.layers`` is not given (see ``tokencompose probe layers``)."""
     probe_layers: ClassVar[tuple[str, ...]] = ("down", "mid", "up")
     """Candidate layers of ``tokencompose probe layers`` (every text-attention layer of the denoiser)."""
+    sampler: ClassVar[str] = "pndm"
+    """Sampler of ``generate`` / ``evaluate`` when asked for ``auto`` (PNDM: the paper's MultiGen setting)."""
+    figure_sampler: ClassVar[str] = "ddim"
+    """Sampler of figures and training sample grids (deterministic)."""
     denoiser_folder: ClassVar[str] = "unet"
     """Subfolder of the denoiser in a pipeline folder (``transformer`` for SD3 / Flux)."""
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"

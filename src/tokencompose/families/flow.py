@@ -37,6 +37,8 @@ class FlowFamily(Family):
     """A family trained with the rectified-flow objective (noise, velocity target)."""
 
     noise_scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    sampler = "default"  # the model's own flow-matching Euler scheduler: the DDPM-family samplers do not apply
+    figure_sampler = "default"
     patch_size: int = 2
     """Side of a latent patch: one image token covers ``patch_size**2`` latent positions."""
 

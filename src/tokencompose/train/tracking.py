@@ -19,7 +19,8 @@ import torch
 
 from tokencompose.config import Config, ConfigError, dump_yaml, to_dict
 from tokencompose.data.dataset import TokenDataset
-from tokencompose.loading import make_scheduler, pipeline_from_components
+from tokencompose.families import family_of
+from tokencompose.loading import make_scheduler, pipeline_from_components, scheduler_config
 from tokencompose.models import Components
 
 if TYPE_CHECKING:
@@ -146,7 +147,8 @@ class SampleGrid:
         processors = dict(self.unet.attn_processors)
         was_training = self.unet.training
         comps = dataclasses.replace(self.comps, unet=self.unet)
-        pipe = pipeline_from_components(comps, make_scheduler(dict(self.comps.scheduler.config), "ddim"))
+        sampler = family_of(comps).figure_sampler
+        pipe = pipeline_from_components(comps, make_scheduler(scheduler_config(self.comps.scheduler), sampler))
         # CPU generators: the same images on every device for a given set of weights.
         generators = [torch.Generator().manual_seed(i) for i in range(len(self.prompts))]
         eager = getattr(torch.compiler, "set_stance", None)  # a compiled UNet would retrace for sampling

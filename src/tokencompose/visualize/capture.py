@@ -25,7 +25,7 @@ import torch
 
 from tokencompose.attention import AttentionCapture
 from tokencompose.families import family_of
-from tokencompose.loading import default_image_size, make_scheduler, pipeline_from_components
+from tokencompose.loading import default_image_size, make_scheduler, pipeline_from_components, scheduler_config
 from tokencompose.models import scale_latents
 from tokencompose.visualize.aggregate import Size, TimestepAccumulator
 
@@ -41,9 +41,10 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return (p.name or str(p)), spec
 
 
-def sampling_pipeline(comps: Any, scheduler: str = "ddim") -> Any:
-    """The one pipeline builder over loaded parts, with a deterministic sampler by default."""
-    return pipeline_from_components(comps, make_scheduler(dict(comps.scheduler.config), scheduler))
+def sampling_pipeline(comps: Any, scheduler: str = "auto") -> Any:
+    """The one pipeline builder over loaded parts; ``auto``: the family's deterministic figure sampler."""
+    name = family_of(comps).figure_sampler if scheduler == "auto" else scheduler
+    return pipeline_from_components(comps, make_scheduler(scheduler_config(comps.scheduler), name))
 
 
 def _generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
@@ -64,7 +65,7 @@ def generate_with_attention(
     sizes: Sequence[Size] | None = None,
     t_range: tuple[float, float] | None = None,
     device: torch.device | str = "cpu",
-    scheduler: str = "ddim",
+    scheduler: str = "auto",
     normalize: str = "text",
 ) -> tuple[np.ndarray, dict[Size, torch.Tensor], list[int]]:
     """Generate one image and average its cross-attention over the steps with timestep in ``t_range``.
@@ -110,7 +111,7 @@ def seed_images(
     guidance: float = 7.5,
     size: int | None = None,
     device: torch.device | str = "cpu",
-    scheduler: str = "ddim",
+    scheduler: str = "auto",
     pipe: Any = None,
 ) -> list[np.ndarray]:
     """One image per seed for ``prompt``: uint8 ``[S, S, 3]`` each, identical for a seed across runs."""

@@ -134,6 +134,13 @@ class Family:
 
         return getattr(diffusers, self.noise_scheduler_class).from_pretrained(src, subfolder="scheduler", **kw)
 
+    def lora_layers(self, peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adapter weights named as peft names them -> the key format :meth:`save_lora` writes: diffusers' names
+        (``to_q.lora.down`` ...) for a UNet, as diffusers' SD / SDXL LoRA scripts save them."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_state)
+
     def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> None:
         """Write ``pytorch_lora_weights.safetensors`` that the family's stock ``load_lora_weights`` reads."""
         self.pipeline_class().save_lora_weights(

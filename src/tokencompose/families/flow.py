@@ -45,6 +45,13 @@ class FlowFamily(Family):
     def use_fused_attention(self, model: Any) -> None:
         """The joint-attention processors diffusers installs already run SDPA; their own kind must stay."""
 
+    def lora_layers(self, peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's own names (``lora_A`` / ``lora_B``), as diffusers' SD3 / Flux LoRA scripts save them. The
+        transformer loaders read those as they are; diffusers' UNet names (``to_q.lora.down``, what the base
+        converts ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0`` to) in a file that also holds peft names
+        (``add_k_proj.lora_A``) are not recognised: those adapters would be left out of the loaded model."""
+        return dict(peft_state)
+
     def map_sizes(self, comps: Any, image: tuple[int, int]) -> list[tuple[int, int]]:
         """One resolution: the patch grid, ``(H / (f p), W / (f p))`` for VAE factor f and patch p."""
         step = comps.vae_scale_factor * self.patch_size

@@ -60,13 +60,14 @@ def fold_lora_scale(peft_sd: dict[str, torch.Tensor], scales: dict[str, float]) 
 
 
 def save_lora(unet: Any, path: str | Path, family: Any, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) and ``lora_state.safetensors`` (peft).
+    """Write ``pytorch_lora_weights.safetensors`` (what the family's stock loader reads: diffusers' key names for a
+    UNet, peft's for an SD3 / Flux transformer; :meth:`~tokencompose.families.base.Family.lora_layers`) and
+    ``lora_state.safetensors`` (peft).
 
     ``family`` (:mod:`tokencompose.families`) names the denoiser's key prefix (``unet.`` / ``transformer.``).
     The diffusers file has ``alpha / rank`` folded into its up matrices (:func:`fold_lora_scale`), so stock
     ``pipe.load_lora_weights`` reproduces the trained model whatever ``train.lora.alpha`` was.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -75,7 +76,7 @@ def save_lora(unet: Any, path: str | Path, family: Any, state_dict: dict[str, to
     peft_sd = get_peft_model_state_dict(unet, state_dict=state_dict)
     peft_sd = {k: v.detach().cpu().contiguous() for k, v in peft_sd.items()}
     save_file(peft_sd, str(path / LORA_STATE))
-    family.save_lora(path, convert_state_dict_to_diffusers(fold_lora_scale(peft_sd, lora_scales(unet))))
+    family.save_lora(path, family.lora_layers(fold_lora_scale(peft_sd, lora_scales(unet))))
 
 
 def load_lora_state(unet: Any, path: str | Path) -> None:

@@ -2,6 +2,8 @@
 
 Every output folder gets a ``figures.json`` manifest (``[{"kind", "file", "title"}]``) that the HTML
 report reads to place each figure in its section. Kinds: ``attention``, ``masks``, ``grid``, ``curves``.
+Attention entries also list the words drawn (``"words": [{"text", "positions"}]``, positions: the maps' text
+columns, e.g. T5 positions for Flux).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _word_figure(
     merge: str,
     cmap: str,
     title: str,
-) -> Any:
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The figure and its words, ``[{"text", "positions"}]`` (positions: the maps' text columns)."""
     chosen = agg.select_sizes(token_maps, resolutions)
     combined = agg.combine_resolutions({s: token_maps[s] for s in chosen})  # [1, L, h, w]
     family = family_of(comps)
@@ -81,7 +84,8 @@ def _word_figure(
     per_word = agg.word_maps(combined, ws, merge)
     per_word = agg.normalize(agg.upsample(per_word, image.shape[:2]))[0].numpy()
     res = "+".join(str(s[0]) for s in chosen)
-    return attention_figure(image, [w.text for w in ws], per_word, title=f"{title}  [attention {res}]", cmap=cmap)
+    fig = attention_figure(image, [w.text for w in ws], per_word, title=f"{title}  [attention {res}]", cmap=cmap)
+    return fig, [{"text": w.text, "positions": list(w.positions)} for w in ws]
 
 
 def attention_from_prompt(
@@ -110,9 +114,9 @@ def attention_from_prompt(
     )
     log.info("attention averaged over %d steps (timesteps %s..%s)", len(used), used[-1], used[0])
     title = f"{label + ': ' if label else ''}{prompt} (seed {seed})"
-    fig = _word_figure(image, maps, comps, prompt, resolutions, words, special, merge, cmap, title)
+    fig, shown = _word_figure(image, maps, comps, prompt, resolutions, words, special, merge, cmap, title)
     file = save_png(fig, out / f"attention_{slug(label + '_' + prompt if label else prompt)}_s{seed}.png", dpi)
-    add_to_manifest(out, "attention", file, title, prompt=prompt, seed=seed, timesteps=used)
+    add_to_manifest(out, "attention", file, title, prompt=prompt, seed=seed, timesteps=used, words=shown)
     return file
 
 
@@ -143,10 +147,10 @@ def attention_from_image(
     )
     title = f"{label + ': ' if label else ''}{caption} (t={','.join(map(str, noise_levels))}, seed {seed})"
     image = capture.to_uint8_image(px)
-    fig = _word_figure(image, maps, comps, caption, resolutions, words, special, merge, cmap, title)
+    fig, shown = _word_figure(image, maps, comps, caption, resolutions, words, special, merge, cmap, title)
     name = f"attention_{slug((label + '_' if label else '') + Path(image_path).stem + '_' + caption)}_s{seed}.png"
     file = save_png(fig, out / name, dpi)
-    add_to_manifest(out, "attention", file, title, caption=caption, image=str(image_path), seed=seed)
+    add_to_manifest(out, "attention", file, title, caption=caption, image=str(image_path), seed=seed, words=shown)
     return file
 
 

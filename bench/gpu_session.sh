@@ -15,6 +15,8 @@
 # measured. Dry run on a CPU, tiny models, a few minutes: TINY=1 OUT=/tmp/gpu_out bash bench/gpu_session.sh
 # SDXL only (its two steps, ~4.5 minutes at most; the rest of a 15-minute session for the machine's start):
 #   STEPS="train_step_sdxl train_step_sdxl_lora" bash bench/gpu_session.sh
+# SD3 / Flux only (their two steps, ~3.5 minutes at most):
+#   STEPS="train_step_flux_lora train_step_sd3_lora" bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -38,6 +40,8 @@ if [ "${TINY:-0}" = 1 ]; then  # CPU dry run: every step, tiny sizes
     STEP_ARGS="$STEP"; CKPT_ARGS="$STEP --grad-ckpt --ckpt-only --no-paper"; COMPILE_ARGS="$STEP --compile-only --no-paper"
     COLUMNS_ARGS="$STEP --columns --no-paper"; SDPA_ARGS="$STEP --sdpa-output --no-paper"; COMPILE_CKPT_ARGS="$STEP --compile-only --grad-ckpt --ckpt-only --no-paper"
     SDXL_ARGS="$STEP --arch sdxl --grad-ckpt"; SDXL_LORA_ARGS="$STEP --arch sdxl --lora 4 --grad-ckpt"
+    FLUX_ARGS="$STEP --arch flux --lora 4 --grad-ckpt --ckpt-only --normalize text joint"
+    SD3_ARGS="$STEP --arch sd3 --lora 4 --normalize text joint"
 else
     LOOP="--batch 32 --steps 48 --images 256 --workers 8"; LOSS="--device cuda"; GEN="--random-sd14 --prompts 2 --images-per-prompt 4 --batch-size 8"
     STEP_ARGS="--batch 1 8 32 64 --steps 8 --warmup 2"
@@ -51,6 +55,12 @@ else
     # --budget-s stops starting rows well inside its step's limit, so the table is printed and kept.
     SDXL_ARGS="--arch sdxl --precision bf16 --batch 1 2 --grad-ckpt --steps 6 --warmup 2 --budget-s 100"
     SDXL_LORA_ARGS="--arch sdxl --precision bf16 --lora 128 --batch 8 --grad-ckpt --steps 5 --warmup 2 --budget-s 70"
+    # FLUX.1-dev at 1024 px, LoRA rank 16 on transformer_blocks.15-18's attention (the flux_coco_lora preset:
+    # batch 2, checkpointing, bf16 frozen weights): plain vs ours with text and joint maps. Target (80 GB):
+    # fits, (b)/(a) >= 0.9. SD3-medium at 1024 px, LoRA 16 on transformer_blocks.9, batch 1 and 4.
+    FLUX_ARGS="--arch flux --precision bf16 --lora 16 --grad-ckpt --ckpt-only --px 1024 --batch 2"
+    FLUX_ARGS="$FLUX_ARGS --normalize text joint --steps 4 --warmup 2 --budget-s 80"
+    SD3_ARGS="--arch sd3 --precision bf16 --lora 16 --batch 1 4 --normalize text joint --steps 5 --warmup 2 --budget-s 55"
 fi
 
 BUDGET=${BUDGET:-570}  # seconds for the whole session; a step gets at most what is left of it
@@ -83,6 +93,9 @@ step train_step_ckpt 50 python3 bench/train_step.py $CKPT_ARGS --json "$JSON/tra
 # LoRA rank 128 at batch 8 (target: fits 80 GB); peak GiB per row, (c) not run for SDXL.
 step train_step_sdxl 150 python3 bench/train_step.py $SDXL_ARGS --json "$JSON/train_step_sdxl.json"
 step train_step_sdxl_lora 120 python3 bench/train_step.py $SDXL_LORA_ARGS --json "$JSON/train_step_sdxl_lora.json"
+# SD3 / Flux (bench/RESULTS.md, "SD3 / Flux"): the joint-attention capture's cost and the Flux LoRA 80 GB target.
+step train_step_flux_lora 120 python3 bench/train_step.py $FLUX_ARGS --json "$JSON/train_step_flux_lora.json"
+step train_step_sd3_lora 90 python3 bench/train_step.py $SD3_ARGS --json "$JSON/train_step_sd3_lora.json"
 # torch.compile + channels-last at batch 32: the >= 150 samples/s target (compilation takes most of it).
 step train_step_compile 160 python3 bench/train_step.py $COMPILE_ARGS --json "$JSON/train_step_compile.json"
 # the real loop on cached latents vs the bare step (<= 5% gap).

@@ -54,6 +54,54 @@ def test_train_step_bench_sdxl_tiny(tmp_path):
     assert 0 < capture["ours"]["mib_columns"] < capture["ours"]["mib"]
 
 
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [("sd3", []), ("flux", ["--grad-ckpt", "--ckpt-only", "--blocks", "5,1"])],  # Flux: the 80 GB target's setup
+)
+def test_train_step_bench_joint_tiny(arch, extra, tmp_path):
+    """--arch sd3 / flux: the family's conditioning and predict, LoRA on the supervised blocks' attention
+    projections, (b) rows per normalisation; Flux also at reduced depth under checkpointing."""
+    import json
+
+    out = tmp_path / "rows.json"
+    args = [sys.executable, str(BENCH / "train_step.py"), "--tiny", "--arch", arch, "--lora", "4"]
+    args += ["--normalize", "text", "joint", "--chunk", "8", "--json", str(out), *extra]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"paper design: skipped for {arch}" in proc.stdout
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert [(r["mode"], r["normalize"]) for r in rows] == [("plain", ""), ("ours", "text"), ("ours", "joint")]
+    assert all(not r["error"] and r["sps"] > 0 and r["lora"] == 4 for r in rows), rows
+    supervised = {"sd3": 1, "flux": 4}[arch]  # transformer_blocks.9 / transformer_blocks.15-18
+    assert [r["captured_layers"] for r in rows] == [0, supervised, supervised]
+    assert {"sd3": "8 modules)", "flux": "32 modules)"}[arch] in record["header"]  # 8 projections a block
+    ours = {c["mode"]: c for c in record["capture"]}["ours"]
+    assert ours["tokens"] == {"sd3": 77 + 256, "flux": 512}[arch] and ours["chunk"] == 8 and ours["chunk_mib"] > 0
+    if arch == "flux":
+        assert all(r["ckpt"] and r["depth"].startswith("REDUCED DEPTH") for r in rows)
+        assert "real: 0, 15, 16, 17, 18" in record["header"] and "1 of 2 single-stream" in record["header"]
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_joint_capture_costs_match_a_forward(arch):
+    """The SD3 / Flux capture table's layer sizes (H, N image tokens, L text tokens) are those of the maps a
+    forward through the family's predict records, in every text-attention block, odd token grids included."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from train_step import FAMILIES, AttentionCapture, build_unet, get_family, joint_layers, make_batch
+
+    family = get_family(FAMILIES[arch])
+    for px in (64, 48):
+        model = build_unet(arch, True, torch.device("cpu"), px)
+        x, t, _, cond, *_ = make_batch(model, 1, "cpu", px=px)
+        with AttentionCapture(model, ["joint", "single"], normalize="text") as cap, torch.no_grad():
+            family.predict(model, x, t, cond)
+            shapes = {name: tuple(m.shape[1:]) for name, m in cap.maps.items()}
+        assert {name: (h, n, text) for name, h, n, text in joint_layers(model, px)} == shapes
+
+
 @pytest.mark.parametrize("arch", ["sd14", "sdxl"])
 def test_capture_costs_match_a_forward(arch):
     """The capture table's layer sizes (computed from the UNet's structure) are the maps a forward produces,

@@ -155,3 +155,22 @@ def test_optimizer_groups_may_hold_generators_and_fuse_only_on_cuda():
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]  # not consumed by the device check
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
     assert not opt.defaults["fused"]  # CPU parameters: the default (foreach / for-loop) implementation
+
+
+def test_lora_under_mixed_precision_stores_the_frozen_base_in_the_half_type():
+    from tokencompose.config import load_config
+    from tokencompose.models import tiny_components
+    from tokencompose.train.setup import prepare_models
+
+    cfg = load_config("shapes_lora", ["train.precision=bf16"])
+    comps = tiny_components(seed=0)
+    trainable = prepare_models(comps, cfg, torch.device("cpu"), "bf16")
+    frozen = [p for p in comps.unet.parameters() if not p.requires_grad]
+    assert trainable and frozen
+    assert all(p.dtype == torch.float32 for p in trainable)  # fp32 master weights of the adapters
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    # the full fine-tune keeps every weight in fp32
+    cfg = load_config("shapes_tiny", ["train.precision=bf16"])
+    comps = tiny_components(seed=0)
+    prepare_models(comps, cfg, torch.device("cpu"), "bf16")
+    assert all(p.dtype == torch.float32 for p in comps.unet.parameters())

@@ -167,8 +167,10 @@ def vae_dtype(part: Any, dtype: torch.dtype) -> torch.dtype:
 def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str) -> list[torch.nn.Parameter]:
     """Freeze VAE and text encoder (cast to the half type under mixed precision), set up the UNet to train.
 
-    Returns the trainable UNet parameters (all of them, or the LoRA adapters). The UNet's own weights
-    stay fp32: autocast computes in half precision, the optimizer updates fp32 master weights.
+    Returns the trainable UNet parameters (all of them, or the LoRA adapters). Trained weights stay fp32:
+    autocast computes in half precision, the optimizer updates fp32 master weights. With LoRA under mixed
+    precision the frozen base weights are stored in the half type (autocast casts them to it for every
+    matmul anyway), which halves the denoiser's memory: FLUX.1's 11.9 B frozen weights take 23.8 GB, not 47.6.
     """
     dtype = weight_dtype(precision)
     for frozen in (comps.vae, *comps.text_encoders):
@@ -179,6 +181,10 @@ def prepare_models(comps: Any, cfg: Config, device: torch.device, precision: str
     if cfg.train.lora.rank > 0:
         lora = cfg.train.lora
         add_lora(unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+        if dtype != torch.float32:
+            for param in unet.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
     else:
         unet.requires_grad_(True)
     if cfg.train.grad_checkpointing:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from tokencompose.errors import UserError
-from tokencompose.families import family_of
+from tokencompose.families import family_of, resolve_family
 from tokencompose.models import load_components
 
 SCHEDULERS = ("default", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm")
@@ -176,6 +176,8 @@ def load_pipeline(settings: ModelSettings, scheduler: str = "default", safety_ch
     resolve_device(settings.device)
     if settings.checkpoint is not None:
         resolve_checkpoint(settings.checkpoint, ema=settings.ema)
+    if scheduler == "auto":  # the family's own sampler (PNDM for SD / SDXL, the flow scheduler for SD3 / Flux)
+        scheduler = resolve_family(settings.family, settings.model).sampler
     if scheduler not in SCHEDULERS:  # all checked before any weights load
         raise UserError(f"unknown scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     sampler = make_scheduler(base_scheduler_config(settings.model), scheduler)

@@ -169,9 +169,10 @@ def generate_images(
         batch = todo[b : b + batch_size]
         seeds = [image_seed(settings.seed, p.uid, i) for p, i in batch]
         latents = family.sampling_latents(initial_latents(seeds, shape)).to(device=device, dtype=dtype)
+        negative = {"negative_prompt": [settings.negative_prompt] * len(batch)} if settings.negative_prompt else {}
         out = pipe(
             prompt=[p.text for p, _ in batch],
-            negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+            **negative,  # only when asked: some pipelines (older Flux) take no negative prompt
             height=size,
             width=size,
             num_inference_steps=settings.steps,

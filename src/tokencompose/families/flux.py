@@ -31,6 +31,27 @@ TRAIN_GUIDANCE = 3.5  # distilled guidance fed while training (FluxPipeline's de
 NATIVE_SIZE = 1024  # FluxPipeline's default_sample_size 128 x VAE factor 8
 
 
+MIN_DIFFUSERS = (0, 31)  # 2-d img_ids / txt_ids (earlier releases batch them and concatenate on dim 1)
+
+
+def supported() -> bool:
+    """Whether the installed diffusers runs Flux the way this family calls it."""
+    import diffusers
+    from packaging.version import Version
+
+    return Version(diffusers.__version__).release >= MIN_DIFFUSERS
+
+
+def require_diffusers() -> None:
+    if not supported():
+        import diffusers
+
+        from tokencompose.errors import UserError
+
+        need = ".".join(map(str, MIN_DIFFUSERS))
+        raise UserError(f"the flux family needs diffusers >= {need} (installed: {diffusers.__version__})")
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: 2x2 patches in row-major order (``FluxPipeline._pack_latents``)."""
     b, c, h, w = latents.shape
@@ -63,6 +84,7 @@ class Flux(FlowFamily):
     def load_text(self, src: str, kw: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
+        require_diffusers()
         t5_tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
         t5_tokenizer.model_max_length = T5_LENGTH
         return {
@@ -133,6 +155,7 @@ class Flux(FlowFamily):
         from tokencompose.t5_tokenizer import tiny_t5_tokenizer
 
         del prediction_type
+        require_diffusers()
         torch.manual_seed(seed)
         clip_width, t5_width = 32, 32
         clip = CLIPTextModel(CLIPTextConfig(
@@ -146,7 +169,7 @@ class Flux(FlowFamily):
             relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
         ))  # fmt: skip
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, out_channels=64, num_layers=19, num_single_layers=2,
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_width,
             pooled_projection_dim=clip_width, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
         )  # fmt: skip

@@ -203,6 +203,27 @@ def load_components(
     return Components(unet=unet_model, vae=vae, scheduler=scheduler, family=fam.name, **text)
 
 
+def tiny_clip_config(width: int = 32, layers: int = 3) -> Any:
+    """A ``CLIPTextConfig`` at toy width over CLIP's real vocabulary and ids (the tiny SDXL / SD3 / Flux encoders)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=64, num_attention_heads=4, num_hidden_layers=layers,
+        max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=width, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, hidden_act="gelu",
+    )  # fmt: skip
+
+
+def tiny_t5_encoder(vocab_size: int, width: int, d_ff: int) -> Any:
+    """A 2-layer ``T5EncoderModel`` at toy width (the tiny SD3 / Flux text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=width, d_ff=d_ff, d_kv=16, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+    ))  # fmt: skip
+
+
 def tiny_unet_config(
     channels: tuple[int, ...] = (16, 16, 32, 32),
     layers_per_block: int = 2,

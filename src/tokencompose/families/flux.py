@@ -24,7 +24,7 @@ import torch
 
 from tokencompose.families.base import SpanFinder, cast
 from tokencompose.families.flow import FlowFamily
-from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype
+from tokencompose.models import Components, clip_tokenizer, hf_dtype, tiny_clip_config, tiny_t5_encoder
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length for FLUX.1-dev (256 for schnell)
 TRAIN_GUIDANCE = 3.5  # distilled guidance fed while training (FluxPipeline's default; diffusers' LoRA scripts)
@@ -150,7 +150,7 @@ class Flux(FlowFamily):
         ones, guidance embedding (as FLUX.1-dev), CLIP-L and a 2-layer T5, a 16-channel VAE.
         ``prediction_type`` is ignored: the target is the flow."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextModel
 
         from tokencompose.t5_tokenizer import tiny_t5_tokenizer
 
@@ -158,16 +158,9 @@ class Flux(FlowFamily):
         require_diffusers()
         torch.manual_seed(seed)
         clip_width, t5_width = 32, 32
-        clip = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=clip_width, intermediate_size=64, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=clip_width,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu",
-        ))  # fmt: skip
+        clip = CLIPTextModel(tiny_clip_config(clip_width, layers=2))
         t5_tokenizer = tiny_t5_tokenizer(model_max_length=T5_LENGTH)
-        t5 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=t5_width, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        ))  # fmt: skip
+        t5 = tiny_t5_encoder(len(t5_tokenizer), t5_width, 64)
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=19, num_single_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_width,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tokencompose.families.base import SpanFinder, cast
 from tokencompose.families.flow import FlowFamily
-from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype
+from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype, tiny_clip_config, tiny_t5_encoder
 
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -105,7 +105,7 @@ class SD3(FlowFamily):
         encoders with projection, a 2-layer T5 encoder wider than the CLIPs together (so the CLIP states are
         zero-padded as in SD3), a 16-channel VAE. ``prediction_type`` is ignored: the target is the flow."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        from transformers import CLIPTextModelWithProjection
 
         from tokencompose.t5_tokenizer import tiny_t5_tokenizer
 
@@ -114,17 +114,10 @@ class SD3(FlowFamily):
         clip_width, t5_width = 32, 96
 
         def clip() -> CLIPTextModelWithProjection:
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=49408, hidden_size=clip_width, intermediate_size=64, num_attention_heads=4,
-                num_hidden_layers=3, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=clip_width,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu",
-            ))  # fmt: skip
+            return CLIPTextModelWithProjection(tiny_clip_config(clip_width))
 
         t5_tokenizer = tiny_t5_tokenizer(model_max_length=T5_LENGTH)
-        t5 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=t5_width, d_ff=128, d_kv=16, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        ))  # fmt: skip
+        t5 = tiny_t5_encoder(len(t5_tokenizer), t5_width, 128)
         transformer = SD3Transformer2DModel(
             sample_size=image_size // 8, patch_size=self.patch_size, in_channels=16, out_channels=16,
             num_layers=12, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_width,

@@ -27,7 +27,7 @@ import torch
 
 from tokencompose.errors import UserError
 from tokencompose.families.base import Family, SpanFinder, cast
-from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype
+from tokencompose.models import Components, clip_tokenizer, hf_dtype, tiny_clip_config
 
 TIME_EMBED_DIM = 8  # tiny model: width of each of the 6 time-id embeddings (256 in SDXL)
 
@@ -111,17 +111,10 @@ class SDXL(Family):
         """SDXL's classes at toy widths: down (plain, cross-attn, cross-attn x2 transformer layers), mid, up
         mirrored; two CLIP encoders (the second with projection) and the real CLIP BPE in both tokenizers."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         torch.manual_seed(seed)
         hidden1, hidden2 = 32, 32
-
-        def text_config() -> CLIPTextConfig:
-            return CLIPTextConfig(
-                vocab_size=49408, hidden_size=hidden1, intermediate_size=64, num_attention_heads=4,
-                num_hidden_layers=3, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=hidden2,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu",
-            )  # fmt: skip
 
         unet = UNet2DConditionModel(
             sample_size=image_size // 8,
@@ -152,10 +145,10 @@ class SDXL(Family):
         return Components(
             unet=unet,
             vae=vae,
-            text_encoder=CLIPTextModel(text_config()),
+            text_encoder=CLIPTextModel(tiny_clip_config(hidden1)),
             tokenizer=clip_tokenizer(),
             scheduler=scheduler,
-            text_encoder_2=CLIPTextModelWithProjection(text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(hidden2)),
             tokenizer_2=clip_tokenizer(pad_token="!"),
             family="sdxl",
         )

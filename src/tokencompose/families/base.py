@@ -236,6 +236,15 @@ class Family:
         return target(scheduler, latents, eps, t)
 
 
+def clip_pair_states(comps: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any, Any]:
+    """SDXL's and SD3's CLIP pair: penultimate hidden states of ``text_encoder`` and ``text_encoder_2`` joined on
+    channels, ``[B, 77, D1 + D2]``, with both encoders' outputs (pooled embeddings in ``text_embeds``)."""
+    device = comps.text_encoder.device
+    out1 = comps.text_encoder(batch["input_ids"].to(device), output_hidden_states=True)
+    out2 = comps.text_encoder_2(batch["input_ids_2"].to(device), output_hidden_states=True)
+    return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out1, out2
+
+
 def cast(tree: Any, dtype: torch.dtype | None) -> Any:
     """Floating tensors of a (nested) dict cast to ``dtype`` (None: unchanged)."""
     if dtype is None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from tokencompose.families.base import SpanFinder, cast
+from tokencompose.families.base import SpanFinder, cast, clip_pair_states
 from tokencompose.families.flow import FlowFamily
 from tokencompose.models import CLIP_MAX_LENGTH, Components, clip_tokenizer, hf_dtype, tiny_clip_config, tiny_t5_encoder
 
@@ -72,11 +72,8 @@ class SD3(FlowFamily):
     def encode(
         self, comps: Any, batch: Mapping[str, Any], image_size: tuple[int, int], dtype: torch.dtype | None = None
     ) -> dict[str, Any]:
-        device = comps.text_encoder.device
-        out1 = comps.text_encoder(batch["input_ids"].to(device), output_hidden_states=True)
-        out2 = comps.text_encoder_2(batch["input_ids_2"].to(device), output_hidden_states=True)
-        t5 = comps.text_encoder_3(batch["input_ids_3"].to(device))[0]  # [B, 256, D_t5]
-        clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, D1 + D2]
+        clip, out1, out2 = clip_pair_states(comps, batch)  # [B, 77, D1 + D2]
+        t5 = comps.text_encoder_3(batch["input_ids_3"].to(comps.text_encoder.device))[0]  # [B, 256, D_t5]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zeros up to T5's width
         context = torch.cat([clip, t5.to(clip.dtype)], dim=-2)  # [B, 77 + 256, D_t5]
         pooled = torch.cat([out1.text_embeds, out2.text_embeds], dim=-1)

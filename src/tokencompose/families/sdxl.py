@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokencompose.errors import UserError
-from tokencompose.families.base import Family, SpanFinder, cast
+from tokencompose.families.base import Family, SpanFinder, cast, clip_pair_states
 from tokencompose.models import Components, clip_tokenizer, hf_dtype, tiny_clip_config
 
 TIME_EMBED_DIM = 8  # tiny model: width of each of the 6 time-id embeddings (256 in SDXL)
@@ -76,9 +76,7 @@ class SDXL(Family):
         self, comps: Any, batch: Mapping[str, Any], image_size: tuple[int, int], dtype: torch.dtype | None = None
     ) -> dict[str, Any]:
         device = comps.text_encoder.device
-        out1 = comps.text_encoder(batch["input_ids"].to(device), output_hidden_states=True)
-        out2 = comps.text_encoder_2(batch["input_ids_2"].to(device), output_hidden_states=True)
-        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, D1 + D2]
+        context, _, out2 = clip_pair_states(comps, batch)  # [B, 77, D1 + D2]
         b = context.shape[0]
         time_ids = add_time_ids(batch.get("original_size"), batch.get("crop_top_left"), tuple(image_size), b)
         added = {"text_embeds": out2.text_embeds, "time_ids": time_ids.to(device, out2.text_embeds.dtype)}

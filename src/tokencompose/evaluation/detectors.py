@@ -29,6 +29,8 @@ OWL_TEMPLATE = "a photo of a {category}"  # the paper's query
 GDINO_TEMPLATE = "{category}"
 GDINO_MAX_TOKENS = 256
 
+Candidates = tuple[torch.Tensor, torch.Tensor]  # one image: logits [Q, C] (box x query), boxes [Q, 4] in pixels
+
 
 class Detector(Protocol):
     """What MultiGen needs from a detector."""
@@ -38,6 +40,8 @@ class Detector(Protocol):
     template: str
 
     def detect(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict[str, list]]: ...
+
+    def candidates(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[Candidates]: ...
 
 
 def reduce_boxes(logits: torch.Tensor, boxes: torch.Tensor, categories: Sequence[str]) -> dict[str, list]:
@@ -97,25 +101,33 @@ class _HFDetector:
 
     default_template = OWL_TEMPLATE
 
-    @torch.inference_mode()
     def detect(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict[str, list]]:
+        found = self.candidates(images, queries)
+        return [reduce_boxes(logits, boxes, list(q)) for (logits, boxes), q in zip(found, queries, strict=True)]
+
+    @torch.inference_mode()
+    def candidates(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[Candidates]:
+        """Every predicted box of each image with its logit per query: ``[(logits [Q, C], boxes [Q, 4])]``.
+
+        ``C = len(queries[i])``; boxes ``(x0, y0, x1, y1)`` in pixels of the input image; float32 on the CPU.
+        """
         if len(images) != len(queries):
             raise ValueError(f"{len(images)} images but {len(queries)} query lists")
-        out: list[dict[str, list]] = []
+        out: list[Candidates] = []
         for start in range(0, len(images), self.batch_size):
-            out += self._detect_batch(
+            out += self._candidates_batch(
                 list(images[start : start + self.batch_size]), list(queries[start : start + self.batch_size])
             )
         return out
 
-    def _detect_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[dict[str, list]]:
+    def _candidates_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[Candidates]:
         raise NotImplementedError
 
 
 class OwlDetector(_HFDetector):
     """OWLv2 or OWL-ViT (``Owlv2ForObjectDetection`` / ``OwlViTForObjectDetection``)."""
 
-    def _detect_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[dict[str, list]]:
+    def _candidates_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[Candidates]:
         texts = [[self.template.format(category=c) for c in q] for q in queries]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding="max_length", truncation=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -133,7 +145,7 @@ class OwlDetector(_HFDetector):
                 scale = torch.tensor([w, h, w, h], dtype=torch.float32)
             boxes = _center_to_corners(outputs.pred_boxes[b].float().cpu(), scale)
             # Only this image's queries compete: padding queries of shorter lists are cut off.
-            results.append(reduce_boxes(logits[b, :, : len(q)].cpu(), boxes, list(q)))
+            results.append((logits[b, :, : len(q)].cpu(), boxes))
         return results
 
 
@@ -175,7 +187,7 @@ class GroundingDinoDetector(_HFDetector):
                 raise ValueError(f"category {c!r} not found in the tokenized Grounding DINO text")
         return spans
 
-    def _detect_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[dict[str, list]]:
+    def _candidates_batch(self, images: list[Any], queries: list[Sequence[str]]) -> list[Candidates]:
         per_image: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in images]
         groups = [self._spans(q) for q in queries]
         for g in range(max(len(x) for x in groups)):
@@ -195,7 +207,7 @@ class GroundingDinoDetector(_HFDetector):
         results = []
         for i, q in enumerate(queries):
             if not q:
-                results.append({"classes": [], "scores": [], "boxes": []})
+                results.append((torch.empty(0, 0), torch.empty(0, 4)))
                 continue
             # Groups see the same image; a box of group g is a separate candidate, so concatenate
             # candidates and give each its scores for its own group's categories only.
@@ -207,7 +219,7 @@ class GroundingDinoDetector(_HFDetector):
                 rows.append(full)
                 all_boxes.append(boxes)
                 offset += len(grp)
-            results.append(reduce_boxes(torch.cat(rows), torch.cat(all_boxes), cats))
+            results.append((torch.cat(rows), torch.cat(all_boxes)))
         return results
 
 
@@ -234,6 +246,19 @@ class ShapesDetector:
                 }
             )
         return results
+
+    def candidates(self, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[Candidates]:
+        """Each region of a queried category as a box whose logit is its score's, ``-inf`` for the other queries."""
+        out: list[Candidates] = []
+        for img, q in zip(images, queries, strict=True):
+            _, regions = detect_shapes(img, return_regions=True)
+            column = {c: k for k, c in enumerate(q)}
+            keep = [r for r in regions if r["category"] in column]
+            logits = torch.full((len(keep), len(q)), -torch.inf)
+            for row, r in enumerate(keep):
+                logits[row, column[r["category"]]] = torch.logit(torch.tensor(float(r["score"])).clamp(1e-6, 1 - 1e-6))
+            out.append((logits, torch.tensor([r["box"] for r in keep], dtype=torch.float32).reshape(-1, 4)))
+        return out
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: every open-vocabulary detector on the hub

@@ -12,11 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from tokencompose.data.dataset import TokenDataset, collate
 from tokencompose.data.shapes import make_shapes_dataset
@@ -41,40 +38,13 @@ from tokencompose.evaluation.settings import (
     ShardSettings,
 )
 from tokencompose.families import denoiser_of, family_of, family_of_pipeline, resolve_family
-from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory, resolve_device
+from tokencompose.loading import DTYPES, default_image_size, load_model, load_pipeline, release_memory
+from tokencompose.sharding import Shard, progress_bar, resolve_shard
 from tokencompose.typed_data import to_dict
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"  # the typed settings of the command that wrote a folder
-
-
-@dataclasses.dataclass
-class Shard:
-    """Where this process runs and which part of the work is its own."""
-
-    device: torch.device
-    index: int
-    count: int
-    state: Any = None  # accelerate's PartialState under ``accelerate launch``
-
-    def wait(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-
-def resolve_shard(model: ModelSettings, run: ShardSettings) -> Shard:
-    """Under ``accelerate launch`` (and no explicit shard): one shard per process on its device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.shard is None:
-        from accelerate import PartialState
-
-        state = PartialState()
-        return Shard(state.device, state.process_index, state.num_processes, state)
-    count = run.num_shards or 1
-    index = run.shard or 0
-    if not 0 <= index < count:
-        raise UserError(f"shard {index} does not exist among {count} shards (0..{count - 1})")
-    return Shard(resolve_device(model.device), index, count)
 
 
 def model_record(model: ModelSettings) -> dict[str, Any]:
@@ -86,22 +56,6 @@ def save_settings(folder: Path, settings: Any) -> None:
     """The command's typed settings beside its output (every field, as plain data)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / SETTINGS_FILE, to_dict(settings))
-
-
-def progress_bar(desc: str, unit: str) -> Any:
-    """An ``on_batch(done, total)`` callback that draws a tqdm bar (created at the first call, closed at the end)."""
-    from tqdm.auto import tqdm
-
-    bar: list[Any] = []
-
-    def on_batch(done: int, total: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc=desc, unit=unit, disable=None))  # None: no bar off a terminal
-        bar[0].update(done - bar[0].n)
-        if done >= total:
-            bar[0].close()
-
-    return on_batch
 
 
 def _generate(
@@ -144,7 +98,7 @@ def _generate(
 def run_generate(settings: GenerateSettings) -> GenerationReport:
     """``tokencompose generate``: this process's share of the images, resumable; ``prompts.json`` beside them."""
     prompts, info = resolve_prompts(settings.prompts)
-    shard = resolve_shard(settings.model, settings.run)
+    shard = resolve_shard(settings.model.device, settings.run)
     out = Path(settings.out)
     log.info("prompts: %s (%d); shard %d/%d on %s", info["name"], len(prompts), shard.index, shard.count, shard.device)
     report = _generate(settings.model, prompts, settings.generation, settings.run, out, shard)
@@ -170,7 +124,7 @@ def run_multigen(settings: MultiGenSettings) -> dict[str, Any]:
     precheck_detections(
         out_dir, detection_record(kind, d.detector, template, d.queries, prompts, DTYPES[d.dtype], None)
     )
-    shard = resolve_shard(s.model, s.run)
+    shard = resolve_shard(s.model.device, s.run)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not s.skip_generation:
         _generate(s.model, prompts, s.generation, s.run, image_dir, shard)

@@ -14,6 +14,7 @@ from typing import Literal
 from tokencompose.evaluation.generation import GenerationSettings
 from tokencompose.evaluation.prompts import PromptSettings
 from tokencompose.loading import ModelSettings
+from tokencompose.sharding import ShardSettings
 
 __all__ = [
     "DetectorSettings",
@@ -25,18 +26,6 @@ __all__ = [
     "PromptSettings",
     "ShardSettings",
 ]
-
-
-@dataclass
-class ShardSettings:
-    """How the work is split: under ``accelerate launch`` one disjoint shard per process by default."""
-
-    batch_size: int = 8
-    """Images per pipeline call."""
-    shard: int | None = None
-    """This process's shard (default: accelerate's process index, else 0)."""
-    num_shards: int | None = None
-    """Number of shards (default: accelerate's number of processes, else 1)."""
 
 
 @dataclass

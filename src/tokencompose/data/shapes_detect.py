@@ -112,6 +112,22 @@ def _open(m: np.ndarray) -> np.ndarray:
     return _dilate(_erode(m)) & m
 
 
+def _extent(region: np.ndarray, trimmed: np.ndarray, steps: int = 8) -> np.ndarray:
+    """The region plus the thin parts the opening trimmed off it (a triangle's apex, a cross's arm tips).
+
+    Geodesic dilation of ``region`` inside ``region | trimmed``, at most ``steps`` pixels deep: on an exact
+    render the box of the result is the object's visible box, which the opened region's box undercuts.
+    """
+    allowed = region | trimmed
+    extent = region
+    for _ in range(steps):
+        grown = _dilate(extent) & allowed
+        if grown.sum() == extent.sum():
+            break
+        extent = grown
+    return extent
+
+
 def shape_features(mask: np.ndarray, unknown: np.ndarray | None = None) -> np.ndarray:
     """Geometric features of one region (bool ``[H, W]``) -> float ``[5]``.
 
@@ -228,7 +244,7 @@ def detect_shapes(
             size_score = min(1.0, area / (1.5 * min_pixels))
             score = float(np.clip(shape_score * color_score * size_score, 0.0, 1.0))
             category = f"{cname} {shape}"
-            ys, xs = np.nonzero(region)
+            ys, xs = np.nonzero(_extent(region, raw & ~opened))
             box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
             regions.append(dict(category=category, score=score, box=box, area=area))
             found[category] = max(found.get(category, 0.0), score)

@@ -1,4 +1,4 @@
-"""``tokencompose prepare shapes | coco | latents | official``: build training data in the one input format.
+"""``tokencompose prepare shapes | coco | grounded | latents | official``: build training data in the one input format.
 
 Every source is written as the paper's ``metadata.jsonl`` (+ mask PNGs, + optional ``boxes``), so
 training reads one format; ``latents`` adds a VAE latent cache next to it; ``official`` checks a folder.
@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 from pathlib import Path
+
+from tokencompose.commands.options import add_settings_arguments, option
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
     p.add_argument("--keep-unmatched", action="store_true", help="also write images with no masked noun")
+
+    p = sub.add_parser("grounded", help="phrase masks for any image-caption set: detector boxes -> SAM masks")
+    option(p, "--data", key="data", required=True, help="rows jsonl: file_name, text[, attn_list]")
+    option(p, "--images", key="images", help="folder the file names start from (default: the jsonl's)")
+    option(p, "--out", key="out", required=True, help="output folder (metadata.jsonl, seg/, QA)")
+    option(p, "--detector", key="detector", help="hub id or folder (Grounding DINO, OWLv2, ...) or 'shapes'")
+    option(p, "--detector-revision", key="detector_revision")
+    option(p, "--segmenter", key="segmenter", help="hub id or folder (SAM, SAM-HQ, SAM 2) or 'box'")
+    option(p, "--segmenter-revision", key="segmenter_revision")
+    option(p, "--box-threshold", key="box_threshold", help="keep a box whose best phrase score exceeds this (0.25)")
+    option(p, "--text-threshold", key="text_threshold", help="... and this (0.25)")
+    option(p, "--phrases", key="phrases", help="auto | given | spacy")
+    option(p, "--batch-size", key="run.batch_size", help="images per model call")
+    option(p, "--shard", key="run.shard", help="this shard (default: accelerate's process index)")
+    option(p, "--num-shards", key="run.num_shards")
+    option(p, "--device", key="device", help="auto | cpu | cuda | cuda:N | mps")
+    option(p, "--dtype", key="dtype", help="fp32 | fp16 | bf16")
+    option(p, "--limit", key="limit", help="first N rows only")
+    add_settings_arguments(p)
 
     p = sub.add_parser("latents", help="cache VAE posterior mean/std of every image")
     p.add_argument("--model", required=True, help="diffusers model folder (with vae/) or a VAE folder")
@@ -74,6 +95,20 @@ def run(args: argparse.Namespace) -> int:
             args.captions, args.instances, args.images, args.out, limit=args.limit, keep_unmatched=args.keep_unmatched
         )
         print(f"wrote {path}: {json.dumps(dict(sorted(stats.items())))}")
+        return 0
+    if args.source == "grounded":
+        from tokencompose.commands.options import settings_from_args
+        from tokencompose.data.grounded import GroundedSettings
+        from tokencompose.data.grounded_run import prepare_grounded
+
+        report = prepare_grounded(settings_from_args(GroundedSettings, args))
+        if not report.complete:
+            print(f"{report.out}: this shard is done; {report.stats.get('rows_pending', 0)} rows wait for other shards")
+            return 0
+        st = report.stats
+        null = st.get("phrases_null", 0) / max(st.get("phrases", 0), 1)
+        print(f"wrote {report.out / 'metadata.jsonl'}: {report.rows} rows, {st.get('phrases', 0)} phrases, "
+              f"{st.get('phrases_with_mask', 0)} with a mask (null rate {null:.1%})")  # fmt: skip
         return 0
     if args.source == "latents":
         from diffusers import AutoencoderKL

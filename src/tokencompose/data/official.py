@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tokencompose.atomic import atomic_writer
 from tokencompose.data import records as R
 
 # Largest image (or mask) we decode: 8192^2 pixels (a 64-MPixel RGB image is 192 MiB decoded). Below
@@ -90,11 +91,20 @@ def load_mask(path: str | Path) -> np.ndarray:
     return arr / peak > 0.5
 
 
-def save_mask(path: str | Path, mask: np.ndarray) -> None:
-    """Bool ``[H, W]`` -> 8-bit gray PNG (0 / 255)."""
+def save_mask(path: str | Path, mask: np.ndarray, durable: bool = False) -> None:
+    """Bool ``[H, W]`` -> 8-bit gray PNG (0 / 255).
+
+    ``durable``: written atomically and fsynced (:func:`tokencompose.atomic.atomic_writer`), for outputs
+    whose later files vouch for it (a grounded row's part file); renders redone as a whole skip the fsync.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path)
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    if not durable:
+        image.save(path)
+        return
+    with atomic_writer(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def validate(jsonl: str | Path, root: str | Path | None = None, tokenizer=None, max_rows: int | None = None) -> Counter:

@@ -1,4 +1,4 @@
-"""``tokencompose evaluate multigen|grounding``: MultiGen scores and attention-grounding scores of a model.
+"""``tokencompose evaluate multigen|grounding|masks``: MultiGen and attention-grounding scores, mask quality.
 
 multigen: prompts -> images (skipped when present) -> detections (stored, skipped when present) -> scores
 (MG_k ± std, bootstrap CI) in ``OUT/results.json``. ``--rescore OUT/results.json --threshold T`` recomputes
@@ -7,6 +7,9 @@ shard of the images; process 0 scores once all shards are done.
 
 grounding: captioned images with phrase masks (a metadata.jsonl, or a freshly rendered shapes world) ->
 mean IoU over a threshold sweep and AUROC of each phrase's cross-attention against its mask.
+
+masks: a grounded dataset's phrase masks and boxes against ground truth (COCO instances or another
+metadata.jsonl with masks): mask IoU and box IoU per category in ``OUT/results.json`` and ``results.md``.
 
 Flags set fields of :mod:`tokencompose.evaluation.settings`; ``key=value`` sets any field.
 """
@@ -51,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         layers="text-attention layers (default: the family's supervised set; down, mid, up, joint, single, patterns)",
     )
 
+    ma = sub.add_parser("masks", help="mask quality: grounded phrase masks vs ground truth (mask IoU, box IoU)")
+    option(ma, "--data", key="data", required=True, help="the grounded metadata.jsonl to check")
+    option(ma, "--reference", key="reference", required=True,
+           help="ground truth: a COCO instances JSON or a metadata.jsonl with masks")  # fmt: skip
+    option(ma, "--out", key="out", required=True, help="output folder (results.json, results.md)")
+    option(ma, "--limit", key="limit", help="first N rows only")
+    add_settings_arguments(ma)
+
 
 def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: str) -> None:
     """The fields of :class:`GroundingSettings` (model, data, metric), shared with ``probe layers``."""
@@ -72,6 +83,13 @@ def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: st
 
 def run(args: argparse.Namespace) -> int:
     from tokencompose.commands.options import settings_from_args
+
+    if args.evaluation == "masks":  # numpy + pycocotools only: before the model stack is imported
+        from tokencompose.evaluation.mask_quality import MaskQualitySettings, evaluate_mask_quality, summary_line
+
+        masks = settings_from_args(MaskQualitySettings, args)
+        print(summary_line(evaluate_mask_quality(masks), masks.out))
+        return 0
     from tokencompose.evaluation import run as R
     from tokencompose.evaluation.settings import GroundingSettings, MultiGenSettings
 

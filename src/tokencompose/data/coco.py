@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,24 +134,57 @@ def name_table(category_names: list[str]) -> dict[str, str]:
     return table
 
 
+def singular_forms(word: str) -> list[str]:
+    """Candidate singulars of a lower-case word, most specific first (for words without spaCy's lemma).
+
+    ``puppies`` -> puppy, ``knives`` -> knife/knif, ``buses`` -> bus/buse, ``dogs`` -> dog; crude on
+    purpose: only forms that are keys of a :func:`name_table` ever match, so a wrong candidate costs nothing.
+    """
+    forms = []
+    if word.endswith("ies") and len(word) > 3:
+        forms.append(word[:-3] + "y")
+    if word.endswith("ves") and len(word) > 3:
+        forms += [word[:-3] + "fe", word[:-3] + "f"]
+    if word.endswith("es") and len(word) > 2:
+        forms.append(word[:-2])
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 1:
+        forms.append(word[:-1])
+    return forms
+
+
+def lookup_category(words: Sequence[str], table: Mapping[str, str], lemma: str | None = None) -> tuple[int, str] | None:
+    """The category named by the last words of ``words`` (lower-case, head noun last): ``(words used, name)``.
+
+    The one word-level rule of ``prepare coco`` (:func:`match_nouns`) and of the mask-quality check (a phrase's
+    words, no spaCy): the last 3, 2, then 1 words (multi-word names first: "hot dog" must not become "dog"),
+    the head noun as its ``lemma`` (spaCy's) or, without one, its :func:`singular_forms`, then as written;
+    keys of ``table`` (:func:`name_table`: names, their singulars, :data:`SYNONYMS`). None: no category.
+    """
+    for n in (3, 2, 1):
+        if n > len(words):
+            continue
+        *before, head = words[len(words) - n :]
+        heads = [lemma] if lemma is not None else singular_forms(head)
+        for last in (*heads, head):
+            key = " ".join([*before, last])
+            if key in table:
+                return n, table[key]
+    return None
+
+
 def match_nouns(doc: Any, table: dict[str, str]) -> list[tuple[str, str]]:
-    """Noun chunks of a spaCy ``doc`` -> ``[(phrase as written, category name)]`` (longest name first)."""
+    """Noun chunks of a spaCy ``doc`` -> ``[(phrase as written, category name)]`` (longest name first).
+
+    Each chunk's head noun with up to two preceding words of the chunk goes through :func:`lookup_category`.
+    """
     out = []
     for chunk in doc.noun_chunks:
         root = chunk.root
-        for n in (3, 2, 1):  # multi-word names first: "hot dog" must not become "dog"
-            start = root.i - n + 1
-            if start < chunk.start:
-                continue
-            words = [t.lower_ for t in doc[start : root.i]]
-            for last in (root.lemma_.lower(), root.lower_):
-                key = " ".join([*words, last])
-                if key in table:
-                    out.append((doc[start : root.i + 1].text, table[key]))
-                    break
-            else:
-                continue
-            break
+        start = max(root.i - 2, chunk.start)
+        found = lookup_category([t.lower_ for t in doc[start : root.i + 1]], table, lemma=root.lemma_.lower())
+        if found is not None:
+            n, name = found
+            out.append((doc[root.i - n + 1 : root.i + 1].text, name))
     return out
 
 

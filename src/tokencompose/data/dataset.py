@@ -185,7 +185,7 @@ class TokenDataset(torch.utils.data.Dataset):
                     rec.image,
                 )
                 given = None
-            box = _crop_box(given, geom, s, flip) if given is not None else _mask_box(mask)
+            box = _crop_box(given, geom, s, flip) if given is not None else R.mask_box(mask)
             positions.append(pos)
             masks.append(np.ascontiguousarray(mask))
             boxes.append(box if box is not None else (0.0, 0.0, 0.0, 0.0))
@@ -268,14 +268,6 @@ def _crop_box(box: R.Box, geom: tuple, size: int, flip: bool) -> R.Box | None:
     if flip:
         x0, x1 = size - x1, size - x0
     return (x0, y0, x1, y1)
-
-
-def _mask_box(mask: np.ndarray) -> R.Box | None:
-    """Bounding box (x0, y0, x1, y1), exclusive max, of a bool ``[S, S]`` mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

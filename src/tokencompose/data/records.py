@@ -104,6 +104,14 @@ def valid_box(box: Box) -> bool:
     return all(math.isfinite(v) for v in box) and x1 > x0 and y1 > y0
 
 
+def mask_box(mask: np.ndarray) -> Box | None:
+    """Bounding box ``(x0, y0, x1, y1)`` (exclusive max, pixels) of a bool ``[H, W]`` mask; None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
 @dataclass(frozen=True)
 class Phrase:
     """A noun phrase of a caption with its mask file (None = no mask) and box (x0, y0, x1, y1) or None."""

@@ -24,7 +24,7 @@ import numpy as np
 from tokencompose.captions import multigen_text
 from tokencompose.data.official import save_mask
 from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete, read_marker
-from tokencompose.data.records import Phrase, Record, write_jsonl
+from tokencompose.data.records import Phrase, Record, mask_box, write_jsonl
 from tokencompose.data.shapes_detect import COLORS, SHAPES, detect_shapes, label_components, shape_mask
 
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
@@ -71,15 +71,8 @@ def render_scene(
         image[full[k]] = palette[obj.color]
         visible[:k] &= ~full[k]
         visible[k] = full[k]
-    boxes = [_box(m) for m in visible]
+    boxes = [mask_box(m) for m in visible]
     return image, visible, boxes
-
-
-def _box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

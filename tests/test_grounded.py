@@ -258,3 +258,24 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_models):
     ]
     proc = subprocess.run([*cmd, "--segmenter", "./missing-folder"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_papers_list_keeps_its_phrases_and_layout(tmp_path):
+    from tokencompose.data.grounded_run import paper_list
+
+    src = [json.loads(x) for x in paper_list().read_text().splitlines()[:3]]
+    images = tmp_path / "train2017"
+    images.mkdir()
+    for row in src:
+        Image.new("RGB", (40, 30), (235, 235, 235)).save(images / row["file_name"])
+    s = GroundedSettings(data="paper", images=str(images), out=str(tmp_path / "out"), detector="shapes",
+                         segmenter="box", device="cpu", limit=3)  # fmt: skip
+    assert prepare_grounded(s).rows == 3
+    got = [json.loads(x) for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [[p for p, _ in r["attn_list"]] for r in got] == [[p for p, _ in r["attn_list"]] for r in src]
+    qa = json.loads((tmp_path / "out" / "qa.json").read_text())
+    assert qa["null_rate"] == 1.0  # blank images: nothing found; the paper's own nulls are the reference
+    paper_nulls = sum(m is None for r in src for _, m in r["attn_list"]) / sum(len(r["attn_list"]) for r in src)
+    assert qa["reference"]["null_rate"] == pytest.approx(paper_nulls)
+    with pytest.raises(UserError, match="needs --images"):
+        prepare_grounded(GroundedSettings(data="paper", out=str(tmp_path / "o2"), detector="shapes", segmenter="box"))

@@ -45,7 +45,8 @@ class GroundedSettings:
     """``tokencompose prepare grounded``: phrase masks for an image–caption set, in the paper's format."""
 
     data: str = ""
-    """Rows ``{"file_name", "text"}`` (jsonl), optionally with ``attn_list`` whose phrases are used exactly."""
+    """Rows ``{"file_name", "text"}`` (jsonl), optionally with ``attn_list`` whose phrases are used exactly;
+    ``paper``: the paper's training list (4,526 COCO train2017 rows, shipped)."""
     images: str | None = None
     """Folder the rows' ``file_name`` are relative to (default: the jsonl's folder)."""
     out: str = ""

@@ -41,6 +41,14 @@ from tokencompose.typed_data import to_dict
 log = logging.getLogger(__name__)
 
 COMMAND = "prepare grounded"
+PAPER_LIST = "paper"  # --data paper: the paper's 4,526-row training list, shipped (Apache-2.0, TokenCompose authors)
+
+
+def paper_list() -> Path:
+    """The shipped copy of the paper's training list (phrases, and which got a Grounded-SAM mask)."""
+    from importlib import resources
+
+    return Path(str(resources.files("tokencompose") / "assets" / "official" / "coco_gsam_train_metadata.jsonl"))
 
 
 @dataclass(frozen=True)
@@ -155,9 +163,11 @@ def check_settings(s: GroundedSettings) -> tuple[Path, Path, Path]:
 
     if not s.data or not s.out:
         raise UserError("prepare grounded needs --data ROWS.jsonl and --out FOLDER")
-    data = Path(s.data).expanduser()
+    data = paper_list() if s.data == PAPER_LIST else Path(s.data).expanduser()
     if not data.is_file():
         raise UserError(f"input rows {data} do not exist (or are not a file)")
+    if s.data == PAPER_LIST and not s.images:
+        raise UserError("--data paper needs --images: the folder of COCO train2017 images")
     images = Path(s.images).expanduser() if s.images else data.resolve().parent
     if not images.is_dir():
         raise UserError(f"image folder {images} does not exist")

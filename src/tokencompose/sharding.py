@@ -55,6 +55,17 @@ class Shard:
         return index % self.count == self.index
 
 
+def force_cpu() -> bool:
+    """Whether Accelerate must be told ``cpu=True``: asked for, or several processes and no GPU.
+
+    Accelerate only sets up multi-process CPU work (gloo) when told it runs on the CPU; a
+    ``torchrun --nproc_per_node 2`` on a machine without GPUs would otherwise start 2 independent runs.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def resolve_shard(device: str, run: ShardSettings) -> Shard:
     """Under ``accelerate launch`` (and no explicit shard): one shard per process on its device."""
     from tokencompose.loading import resolve_device  # lazy: loading imports diffusers
@@ -62,7 +73,7 @@ def resolve_shard(device: str, run: ShardSettings) -> Shard:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run.shard is None:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=force_cpu())
         return Shard(state.device, state.process_index, state.num_processes, state)
     count = run.num_shards or 1
     index = run.shard or 0

@@ -25,6 +25,7 @@ from tokencompose.data.records import DropCounter
 from tokencompose.families import family_of
 from tokencompose.losses import column_subset
 from tokencompose.models import Components
+from tokencompose.sharding import force_cpu
 from tokencompose.train import setup
 from tokencompose.train.checkpoint import (
     Checkpointer,
@@ -74,7 +75,7 @@ def train(cfg: Config, extra_terms: Sequence[LossTerm] = ()) -> TrainResult:
     setup.check_layers(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
-    cpu = setup.force_cpu()
+    cpu = force_cpu()
     with RunLock(run_dir) if PartialState(cpu=cpu).is_main_process else contextlib.nullcontext():
         return _train(cfg, extra_terms, cpu)
 

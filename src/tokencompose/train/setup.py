@@ -64,17 +64,6 @@ def check_launcher_precision(requested: str) -> None:
     )
 
 
-def force_cpu() -> bool:
-    """Whether Accelerate must be told ``cpu=True``: asked for, or several processes and no GPU.
-
-    Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU; a
-    ``torchrun --nproc_per_node 2`` on a machine without GPUs would otherwise start 2 independent runs.
-    """
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return True
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def seed_everything(cfg: Config) -> None:
     """Seed every RNG from ``train.seed``; deterministic algorithms and TF32 as configured."""
     from accelerate.utils import set_seed

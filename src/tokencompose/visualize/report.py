@@ -4,7 +4,8 @@ Inputs are files or folders, searched a few levels deep: ``config.yaml`` (config
 ``metrics.jsonl`` (loss curves, drawn by the trainer's figure), results JSON with ``"kind"`` of
 ``multigen`` or ``grounding`` (tables with ± and 95% CIs), and figure folders (``figures.json``
 manifests written by ``tokencompose visualize`` and ``probe layers``; loose ``attention_*``/``masks_*``/``grid*``/
-``loss_curves`` PNGs too). Images are embedded as base64 data URIs and the CSS is inline, so the page
+``loss_curves`` PNGs too), and grounded-mask folders (``qa.json`` written by ``prepare grounded``, with its
+``qa.png`` and ``contact_sheet.png``). Images are embedded as base64 data URIs and the CSS is inline, so the page
 needs no network and can be mailed as one file. A section with nothing to show is omitted with a note;
 nothing here raises on a malformed input file, but an input that does not exist, or inputs with nothing
 to report at all, are refused.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 FIGURE_KINDS = ("curves", "probe", "attention", "masks", "grid")
 _PREFIX = {"loss_curves": "curves", "attention_": "attention", "masks_": "masks", "grid": "grid"}
 _SKIP_DIRS = ("checkpoint", "images", "samples", "latents", "tensorboard", "logs", "__pycache__")
+_DATA_DIRS = ("seg", "masks")  # not searched below a folder that holds a metadata.jsonl
 MAX_DEPTH = 3
 
 
@@ -46,6 +48,7 @@ class Collected:
     figures: list[tuple[str, Path, str]] = field(default_factory=list)  # (kind, png, title)
     notes: list[str] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)  # JSON with kind "summary" (the demo's verdict)
+    grounded: list[tuple[str, Path, dict[str, Any]]] = field(default_factory=list)  # (name, folder, qa.json)
 
 
 def _walk(root: Path) -> Iterable[Path]:
@@ -53,8 +56,12 @@ def _walk(root: Path) -> Iterable[Path]:
     base = len(root.parts)
     for folder, dirs, files in os.walk(root):
         depth = len(Path(folder).parts) - base
+        # a data folder's mask folders hold one subfolder or file per image (100k in a grounded folder)
+        data = _DATA_DIRS if "metadata.jsonl" in files else ()
         dirs[:] = sorted(
-            d for d in dirs if depth < MAX_DEPTH and not d.startswith(".") and not d.lower().startswith(_SKIP_DIRS)
+            d
+            for d in dirs
+            if depth < MAX_DEPTH and not d.startswith(".") and not d.lower().startswith(_SKIP_DIRS) and d not in data
         )
         for f in sorted(files):
             yield Path(folder) / f
@@ -84,6 +91,8 @@ def collect(inputs: Sequence[str | Path]) -> Collected:
                 _add_config(f, got)
             elif f.name == "metrics.jsonl":
                 got.metrics.append((_run_name(f), f))
+            elif f.name == "qa.json":
+                _add_grounded(f, got)
             elif f.suffix == ".json" and f.name != "figures.json":
                 _add_result(f, got)
             elif f.suffix == ".png":
@@ -119,6 +128,19 @@ def _add_config(path: Path, got: Collected) -> None:
         return
     if isinstance(data, dict):
         got.configs.append((_run_name(path), data))
+
+
+def _add_grounded(path: Path, got: Collected) -> None:
+    """A grounded-mask folder's ``qa.json`` (kind ``grounded_qa``); another ``qa.json`` is read as any result."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        got.notes.append(f"{path}: unreadable grounded-mask summary ({err})")
+        return
+    if isinstance(data, dict) and data.get("kind") == "grounded_qa":
+        got.grounded.append((_run_name(path), path.parent, data))
+    else:
+        _add_result(path, got)
 
 
 def _add_result(path: Path, got: Collected) -> None:
@@ -281,6 +303,61 @@ def _grounding_section(results: list[dict[str, Any]]) -> str:
     return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
 
 
+def _pct(v: Any) -> str:
+    """A fraction as a percentage (``–`` when absent)."""
+    return _num(100 * v if isinstance(v, int | float) else None, "{:.1f}%")
+
+
+def _grounded_section(grounded: list[tuple[str, Path, dict[str, Any]]]) -> str:
+    """One table row per grounded folder (summary numbers), then each folder's two figures."""
+    head = ["folder", "rows", "phrases", "null rate", "reference null rate", "null agreement", "mean area",
+            "median area", "detections 0 / 1 / 2 / 3+", "mask errors"]  # fmt: skip
+    rows, figs = [], []
+    for name, folder, s in grounded:
+        ref = s.get("reference") if isinstance(s.get("reference"), Mapping) else None
+        area = s.get("area") if isinstance(s.get("area"), Mapping) else {}
+        det = s.get("detections") if isinstance(s.get("detections"), Mapping) else None
+        hist = det.get("histogram") if det and isinstance(det.get("histogram"), Mapping) else None
+        det_text = " / ".join(str(hist.get(b, 0)) for b in ("0", "1", "2", "3+")) if hist else "–"
+        errors = s.get("mask_errors") if isinstance(s.get("mask_errors"), Mapping) else {}
+        err_text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in errors.items()) or "none"
+        ref_text = "–"
+        if ref:
+            ref_text = _pct(ref.get("null_rate"))
+            if ref.get("rows_compared") != s.get("rows"):  # compare like with like: ours over the same rows
+                ref_text += f'<span class="ci">ours {_pct(ref.get("ours_null_rate"))} over the same '
+                ref_text += f"{_e(ref.get('rows_compared', '–'))} rows</span>"
+        agree = "–"
+        if ref:
+            matched = _e(ref.get("matched_phrases", "–"))
+            agree = _pct(ref.get("agreement")) + f'<span class="ci">of {matched} phrases</span>'
+        rows.append(
+            f"<tr><td>{_e(name)}</td>"
+            f'<td class="num">{_e(s.get("rows", "–"))}</td><td class="num">{_e(s.get("phrases", "–"))}</td>'
+            f'<td class="num">{_pct(s.get("null_rate"))}</td><td class="num">{ref_text}</td>'
+            f'<td class="num">{agree}</td>'
+            f'<td class="num">{_num(area.get("mean"), "{:.3f}")}</td>'
+            f'<td class="num">{_num(area.get("median"), "{:.3f}")}</td>'
+            f'<td class="num">{_e(det_text)}</td><td>{_e(err_text)}</td></tr>'
+        )
+        figures = s.get("figures") if isinstance(s.get("figures"), Mapping) else {}
+        for key, default, caption in (
+            ("qa", "qa.png", "mask areas, detections per phrase and null rate"),
+            ("contact_sheet", "contact_sheet.png", "random rows with their masks, boxes and scores"),
+        ):
+            png = folder / Path(str(figures.get(key) or default)).name
+            if png.is_file():
+                figs.append(_figure_html(png, f"{name}: {caption}"))
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    note = (
+        '<p class="meta">Null rate: phrases left without a mask (no detection passed the thresholds). The '
+        "reference is the input list (the paper's masks: a null there means Grounded-SAM found nothing), over "
+        "the same rows; agreement: phrases (matched by row and text) that both lists leave null or both give a "
+        "mask. Areas are fractions of the image's pixels.</p>"
+    )
+    return f"{note}<table><tr>{th}</tr>{''.join(rows)}</table>{''.join(figs)}"
+
+
 def _curves_section(metrics: list[tuple[str, Path]], figures: list[tuple[str, Path, str]], notes: list[str]) -> str:
     # A run's own loss_curves.png is redrawn from its metrics (fresher for a run in progress): skip it.
     redrawn = {path.parent.resolve() for _, path in metrics}
@@ -301,6 +378,7 @@ def _curves_section(metrics: list[tuple[str, Path]], figures: list[tuple[str, Pa
 SECTIONS = (
     ("summary", "What happened"),
     ("config", "Configuration"),
+    ("grounded", "Grounded masks"),
     ("curves", "Loss curves"),
     ("multigen", "MultiGen"),
     ("grounding", "Attention grounding (IoU)"),
@@ -320,6 +398,7 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
     bodies = {
         "summary": _summary_section(got.summaries),
         "config": _config_section(got.configs) if got.configs else "",
+        "grounded": _grounded_section(got.grounded) if got.grounded else "",
         "curves": _curves_section(got.metrics, by_kind["curves"], notes),
         "multigen": _multigen_section(mg) if (mg := [r for r in got.results if r["kind"] == "multigen"]) else "",
         "grounding": _grounding_section(gr) if (gr := [r for r in got.results if r["kind"] == "grounding"]) else "",
@@ -360,16 +439,17 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, title: str = "To
         if not Path(inp).exists():
             raise UserError(f"report input {inp} does not exist: pass run folders, results JSON or figure folders")
     got = collect(inputs)
-    if not (got.configs or got.metrics or got.results or got.figures or got.summaries):
+    if not (got.configs or got.metrics or got.results or got.figures or got.summaries or got.grounded):
         names = ", ".join(str(i) for i in inputs)
         raise UserError(
-            f"nothing to report in {names}: no config.yaml, metrics.jsonl, results JSON or figures found there"
+            f"nothing to report in {names}: no config.yaml, metrics.jsonl, results JSON, figures or grounded-mask "
+            "qa.json found there"
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, render(got, title))
     log.info(
-        "report %s: %d configs, %d runs with metrics, %d results, %d figures",
-        out, len(got.configs), len(got.metrics), len(got.results), len(got.figures),
+        "report %s: %d configs, %d runs with metrics, %d results, %d figures, %d grounded-mask folders",
+        out, len(got.configs), len(got.metrics), len(got.results), len(got.figures), len(got.grounded),
     )  # fmt: skip
     return out

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,35 +156,45 @@ class SamSegmenter:
         self.resolved_revision = None if local else (commit or revision)
 
     def segment(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]]) -> list[np.ndarray]:
-        return [(lg > 0.0).cpu().numpy() for lg in self.logits(images, boxes)]
+        return self._run(images, boxes, lambda logits: (logits > 0.0).cpu().numpy())
 
     def logits(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]]) -> list[torch.Tensor]:
-        """Per image the float32 mask logits ``[K, H, W]`` at the image's size (on the model's device)."""
+        """Per image the float32 mask logits ``[K, H, W]`` at the image's size (on the CPU); mask = logits > 0."""
+        return self._run(images, boxes, lambda logits: logits.cpu())
+
+    def _run(
+        self, images: Sequence[Any], boxes: Sequence[Sequence[Box]], finish: Callable[[torch.Tensor], Any]
+    ) -> list:
+        """``finish`` of each image's logits ``[K, H, W]``; images without boxes get ``finish`` of ``[0, H, W]``."""
         _check_batch(images, boxes)
-        out: list[torch.Tensor | None] = [None] * len(images)
+        out: list[Any] = [None] * len(images)
         todo = []
         for i, (img, bxs) in enumerate(zip(images, boxes, strict=True)):
             if len(bxs):
                 todo.append(i)
             else:
                 w, h = img.size
-                out[i] = torch.zeros((0, h, w), dtype=torch.float32, device=self.device)
+                out[i] = finish(torch.zeros((0, h, w), dtype=torch.float32))
         with torch.inference_mode():
             for start in range(0, len(todo), self.batch_size):
                 idx = todo[start : start + self.batch_size]
-                found = self._logits_batch([images[i] for i in idx], [boxes[i] for i in idx])
-                for i, lg in zip(idx, found, strict=True):
-                    out[i] = lg
-        return out  # type: ignore[return-value]
+                found = self._decode([images[i] for i in idx], [boxes[i] for i in idx])
+                for i, logits in zip(idx, found, strict=True):
+                    out[i] = finish(logits)
+        return out
 
-    def _logits_batch(self, images: list[Any], boxes: list[Sequence[Box]]) -> list[torch.Tensor]:
+    def _decode(self, images: list[Any], boxes: list[Sequence[Box]]) -> Iterator[torch.Tensor]:
+        """One batch of images (each with at least one box) -> per image float32 logits ``[K, H, W]``."""
         images = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
         # The processors scale boxes to the model's input; they take as many boxes for every image, so
         # shorter lists repeat their last box and the repeats are cut off before the decoder.
         k_max = max(len(b) for b in boxes)
         prompts = [[[float(v) for v in b] for b in bxs] for bxs in boxes]
         prompts = [p + [p[-1]] * (k_max - len(p)) for p in prompts]
-        inputs = self.processor(images=images, input_boxes=prompts, return_tensors="pt")
+        with warnings.catch_warnings():
+            # SamHQProcessor (4.52-4.57) hands its own point_pad_value to the image processor, which warns.
+            warnings.filterwarnings("ignore", message=".*point_pad_value.*")
+            inputs = self.processor(images=images, input_boxes=prompts, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         embeddings = self.model.get_image_embeddings(pixel_values)
         if self.kind == "sam_hq":  # (last embedding, intermediate ViT embeddings)
@@ -192,20 +203,18 @@ class SamSegmenter:
             embeddings = {"image_embeddings": embeddings}
         # Boxes stay float32: the prompt encoder normalises them before casting to the model's dtype.
         input_boxes = inputs["input_boxes"].to(self.device, torch.float32)
-        results = []
         for j, bxs in enumerate(boxes):
             output = self.model(
                 **_slice(embeddings, j), input_boxes=input_boxes[j : j + 1, : len(bxs)], multimask_output=False
             )
             low = output.pred_masks[0, :, :1].float()  # [K, 1, h, w]
             sizes = inputs["original_sizes"][j : j + 1]
-            if self.kind == "sam2":
+            if self.kind == "sam2":  # resized to a square without padding
                 up = self.processor.post_process_masks([low], sizes, binarize=False)[0]
-            else:
+            else:  # longest side resized, padded to a square: the padding is cropped before the upscale
                 reshaped = inputs["reshaped_input_sizes"][j : j + 1]
                 up = self.processor.post_process_masks([low], sizes, reshaped, binarize=False)[0]
-            results.append(up[:, 0].float())
-        return results
+            yield up[:, 0].float()
 
 
 def check_segmenter_name(name: str | Path) -> None:

@@ -246,6 +246,14 @@ def test_shapes_world_exact_detector_reproduces_the_rendered_boxes(tmp_path):
     ious = [box_iou(t.box, g.box) if g.box else 0.0 for a, b in zip(truth, got, strict=True)
             for t, g in zip(a.phrases, b.phrases, strict=True)]  # fmt: skip
     assert len(ious) > 80 and min(ious) >= 0.95, sorted(ious)[:5]
+    # training's dataset reads the output as it is: every phrase supervised, no drops
+    from tokencompose.data.dataset import TokenDataset
+    from tokencompose.models import clip_tokenizer
+
+    ds = TokenDataset(tmp_path / "out" / "metadata.jsonl", clip_tokenizer(), image_size=64)
+    sample = ds[0]
+    assert not sample["dropped"] and sample["phrases"] == [p.text for p in truth[0].phrases]
+    assert bool(sample["box_valid"].all())
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_models):

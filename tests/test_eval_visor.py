@@ -241,3 +241,17 @@ def test_refusals_come_before_any_model(tmp_path: Path) -> None:
         _main(["--out", str(tmp_path), "--prompts", str(tmp_path / "none.json"), "--skip-generation"])
     with pytest.raises(UserError, match="unknown category list"):
         _main(["--out", str(tmp_path), "--categories", "nope", "--skip-generation"])
+
+
+def test_shards_add_up_to_the_single_run_and_other_settings_are_refused(visor_run: Path, tmp_path: Path) -> None:
+    base = json.loads((visor_run / "argv.json").read_text())
+    images = ["--images", str(visor_run / "out" / "images"), "--skip-generation"]
+    sharded = [a if a != str(visor_run / "out") else str(tmp_path / "sharded") for a in base] + images
+    assert _main(sharded + ["--shard", "1", "--num-shards", "2"]) == 0  # detects only its share, scores nothing
+    assert not (tmp_path / "sharded" / "results.json").exists()
+    assert _main(sharded + ["--shard", "0", "--num-shards", "2"]) == 0
+    assert len(list((tmp_path / "sharded").glob("detections-*.jsonl"))) == 2
+    one = json.loads((visor_run / "out" / "results.json").read_text())["scores"]
+    assert json.loads((tmp_path / "sharded" / "results.json").read_text())["scores"] == one
+    with pytest.raises(UserError, match="other settings"):
+        _main(base + images + ["--query-template", "an image of a {category}"])

@@ -61,6 +61,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option(ma, "--out", key="out", required=True, help="output folder (results.json, results.md)")
     option(ma, "--limit", key="limit", help="first N rows only")
     add_settings_arguments(ma)
+    _add_extra_metrics(sub)
+
+
+# Metrics whose subcommands live in their own command module (``commands/eval_<name>.py``: ``add_parser(sub)``
+# and ``run(args)``), so this file stays a table of contents.
+EXTRA_METRICS = ("latency",)
+
+
+def _add_extra_metrics(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    for name in EXTRA_METRICS:
+        module = importlib.import_module(f"tokencompose.commands.eval_{name}")
+        before = set(sub.choices)
+        module.add_parser(sub)
+        for added in set(sub.choices) - before:
+            sub.choices[added].set_defaults(_metric_run=module.run)
 
 
 def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: str) -> None:
@@ -83,6 +100,9 @@ def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: st
 
 def run(args: argparse.Namespace) -> int:
     from tokencompose.commands.options import settings_from_args
+
+    if getattr(args, "_metric_run", None) is not None:
+        return args._metric_run(args)
 
     if args.evaluation == "masks":  # numpy + pycocotools only: before the model stack is imported
         from tokencompose.evaluation.mask_quality import MaskQualitySettings, evaluate_mask_quality, summary_line

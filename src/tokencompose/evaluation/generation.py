@@ -129,6 +129,30 @@ def pending_jobs(
 
 
 @torch.inference_mode()
+def sample(pipe: Any, texts: Sequence[str], seeds: Sequence[int], settings: GenerationSettings) -> Any:
+    """One pipeline call: ``texts`` with initial noise from ``seeds`` (drawn on the CPU), at the settings' size.
+
+    The one place images are sampled (generation and latency timing), so a timed call is a generating call.
+    """
+    family, denoiser = family_of_pipeline(pipe), denoiser_of(pipe)
+    size = settings.resolution or family.native_size(denoiser, pipe.vae_scale_factor)
+    shape = (pipe.vae.config.latent_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latents = family.sampling_latents(initial_latents(seeds, shape)).to(device=denoiser.device, dtype=denoiser.dtype)
+    negative = {"negative_prompt": [settings.negative_prompt] * len(texts)} if settings.negative_prompt else {}
+    return pipe(
+        prompt=list(texts),
+        **negative,  # only when asked: some pipelines (older Flux) take no negative prompt
+        height=size,
+        width=size,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        latents=latents,
+        # Per-image generators also drive the noise of stochastic schedulers (ancestral samplers).
+        generator=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds],
+    )
+
+
+@torch.inference_mode()
 def generate_images(
     pipe: Any,
     prompts: Sequence[Prompt],
@@ -161,26 +185,10 @@ def generate_images(
     todo, skipped = pending_jobs(prompts, settings.images_per_prompt, out_dir, shard, num_shards, expect)
     report = GenerationReport(skipped=skipped)
     start = time.perf_counter()
-    family, denoiser = family_of_pipeline(pipe), denoiser_of(pipe)
-    size = settings.resolution or family.native_size(denoiser, pipe.vae_scale_factor)
-    shape = (pipe.vae.config.latent_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    device, dtype = denoiser.device, denoiser.dtype
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
         seeds = [image_seed(settings.seed, p.uid, i) for p, i in batch]
-        latents = family.sampling_latents(initial_latents(seeds, shape)).to(device=device, dtype=dtype)
-        negative = {"negative_prompt": [settings.negative_prompt] * len(batch)} if settings.negative_prompt else {}
-        out = pipe(
-            prompt=[p.text for p, _ in batch],
-            **negative,  # only when asked: some pipelines (older Flux) take no negative prompt
-            height=size,
-            width=size,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            latents=latents,
-            # Per-image generators also drive the noise of stochastic schedulers (ancestral samplers).
-            generator=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds],
-        )
+        out = sample(pipe, [p.text for p, _ in batch], seeds, settings)
         flags = getattr(out, "nsfw_content_detected", None) or [False] * len(batch)  # SDXL has no checker
         for (p, i), image, flagged in zip(batch, out.images, flags, strict=True):
             name = image_name(p.uid, i)

@@ -47,10 +47,11 @@ def save_tiny_blip_vqa(path: str | Path, seed: int = 0, image_size: int = 32, wo
         pad_token_id=vocab.index("[PAD]"),
         bos_token_id=vocab.index("[DEC]"),
         sep_token_id=vocab.index("[SEP]"),
+        initializer_range=0.5,  # wide random weights: answers that differ from image to image and question to question
     )
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
-        patch_size=16,
+        patch_size=16, initializer_range=0.5,
     )  # fmt: skip
     model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
     ip = BlipImageProcessor(size={"height": image_size, "width": image_size})

@@ -304,3 +304,24 @@ def test_bad_settings_are_user_errors(tmp_path):
             run_shapes_exact(ShapesExactSettings(out=str(tmp_path / "x"), **bad))
     with pytest.raises(UserError, match="missing"):
         run_shapes_exact(ShapesExactSettings(out=str(tmp_path / "empty"), skip_generation=True, num_prompts=1))
+
+
+def test_manual_shards_score_once_every_image_is_there(base_model, tmp_path):
+    from tokencompose.evaluation.shapes_exact_run import ShapesExactSettings, run_shapes_exact
+    from tokencompose.typed_data import load_settings
+
+    def settings(**kw):
+        data = {
+            "out": str(tmp_path / "run"),
+            "num_prompts": 1,
+            "tasks": ["attribute"],
+            "model": {"model": str(base_model), "device": "cpu"},
+            "generation": {"steps": 2, "images_per_prompt": 2},
+        }
+        return load_settings(ShapesExactSettings, {**data, **kw})
+
+    assert run_shapes_exact(settings(run={"shard": 0, "num_shards": 2})) == {}  # image 1 is shard 1's
+    assert sorted(p.name for p in (tmp_path / "run" / "attribute").glob("*.png")) == ["0_0.png"]
+    assert run_shapes_exact(settings(run={"shard": 1, "num_shards": 2})) == {}  # not process 0: never scores
+    result = run_shapes_exact(settings(skip_generation=True))
+    assert result["scores"]["attribute"]["num_prompts"] == 1 and result["scores"]["attribute"]["images_per_prompt"] == 2

@@ -190,7 +190,7 @@ def spatial_verdict(regions: Sequence[Region], a: str, b: str, relation: str, th
 
 
 def _percent(num: float, den: float) -> float | None:
-    return 100.0 * num / den if den else None
+    return float(100.0 * num / den) if den else None
 
 
 def score_spatial(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokencompose.errors import UserError
-from tokencompose.evaluation.generation import GenerationSettings
+from tokencompose.evaluation.generation import GenerationSettings, image_name
 from tokencompose.evaluation.shapes_exact import TASKS, detect_images, score_detections, task_prompts
 from tokencompose.loading import ModelSettings
 from tokencompose.sharding import ShardSettings
@@ -123,6 +123,13 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
             _generate(model, prompts, s.generation, s.run, out / task, shard)
     shard.wait()
     if shard.index != 0:
+        return {}
+    missing = sum(
+        not (out / t / image_name(p.uid, i)).is_file() for t, ps in sets.items() for p in ps for i in range(n)
+    )
+    if missing and shard.count > 1 and shard.state is None:
+        # --shard/--num-shards without accelerate: no barrier, the other shards may still be generating.
+        log.warning("%d images of other shards are not there yet: score them later with --skip-generation", missing)
         return {}
     scores, prompt_info, generation = {}, {}, {}
     for task, prompts in sets.items():

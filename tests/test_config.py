@@ -123,3 +123,22 @@ def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, capsys):
     assert "train.nan_policy" in capsys.readouterr().err
     if not heavy_before:  # the training loop (and accelerate) was never even imported
         assert "tokencompose.train.loop" not in sys.modules
+
+
+def test_a_nested_block_given_in_part_keeps_its_parents_defaults():
+    """A field declared with a non-default nested value keeps it for the keys not given (not the class's)."""
+    import dataclasses
+
+    from tokencompose.typed_data import build_dataclass
+
+    @dataclasses.dataclass
+    class Inner:
+        steps: int = 50
+        images: int = 10
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=lambda: Inner(images=4))
+
+    assert build_dataclass(Outer, {"inner": {"steps": 3}}).inner == Inner(steps=3, images=4)
+    assert build_dataclass(Outer, {}).inner == Inner(images=4)

@@ -13,10 +13,8 @@ from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import image_name
 from tokencompose.evaluation.prompts import Prompt
 from tokencompose.evaluation.shapes_exact import (
-    RELATIONS,
     attribute_prompts,
     attribute_verdict,
-    relation_holds,
     relation_of,
     score_attribute,
     score_folder,
@@ -24,6 +22,7 @@ from tokencompose.evaluation.shapes_exact import (
     spatial_prompts,
     spatial_text,
 )
+from tokencompose.evaluation.visor import RELATIONS, centroid, relation_holds
 
 LEFT, RIGHT, TOP, BOTTOM, MID = 16.0, 48.0, 16.0, 48.0, 32.0
 
@@ -55,7 +54,6 @@ def _attribute(uid: int, a: str, b: str) -> Prompt:
     [
         ("to the left of", (10, 30), (40, 30), True),
         ("to the left of", (40, 30), (10, 30), False),
-        ("left", (10, 30), (40, 30), True),
         ("to the right of", (40, 30), (10, 30), True),
         ("to the right of", (10, 30), (40, 30), False),
         ("above", (30, 10), (30, 40), True),  # image y grows downwards
@@ -70,18 +68,20 @@ def test_relation_holds_compares_box_centroids(relation, a_center, b_center, exp
     def box(c, half):  # boxes of different sizes around the centre: only centroids matter
         return (c[0] - half, c[1] - half, c[0] + half, c[1] + half)
 
-    assert relation_holds(box(a_center, 3), box(b_center, 9), relation) is expected
+    assert relation_holds(relation, [centroid(box(a_center, 3))], [centroid(box(b_center, 9))]) is expected
 
 
 def test_relation_holds_uses_the_centre_not_an_edge():
     wide = (0, 0, 60, 10)  # centre x 30, left edge 0
     small = (20, 0, 24, 10)  # centre x 22
-    assert relation_holds(small, wide, "left") and not relation_holds(wide, small, "left")
+    left = "to the left of"
+    assert relation_holds(left, [centroid(small)], [centroid(wide)])
+    assert not relation_holds(left, [centroid(wide)], [centroid(small)])
 
 
 def test_unknown_relation_is_refused():
     with pytest.raises(ValueError, match="unknown relation"):
-        relation_holds((0, 0, 1, 1), (2, 2, 3, 3), "behind")
+        relation_holds("behind", [(0.5, 0.5)], [(2.5, 2.5)])
 
 
 # ---------------------------------------------------------------- rendered scenes, known answers

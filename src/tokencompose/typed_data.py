@@ -168,14 +168,27 @@ def unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """A dataclass from plain data: typed parsing of every field, unknown keys rejected (no range checks)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in names:
-            raise unknown_key(key, str(name), names)
-        kwargs[name] = _parse(value, hints[name], key)
+        if name not in fields:
+            raise unknown_key(key, str(name), list(fields))
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A nested settings block given in part keeps its parent's defaults for the rest (a field declared
+            # ``GenerationSettings(images_per_prompt=4)`` stays at 4 when only ``steps`` is set).
+            kwargs[name] = build_dataclass(type(default), merge(to_dict(default), value), key)
+        else:
+            kwargs[name] = _parse(value, hints[name], key)
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (calling its factory), or None when it has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

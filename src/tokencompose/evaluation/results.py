@@ -77,7 +77,32 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-RESULT_KINDS = ("multigen", "grounding")
+RESULT_KINDS = ("multigen", "grounding", "visor", "fid", "latency", "compbench", "clipscore", "shapes_exact",
+                "mask_quality", "suite")  # fmt: skip
+
+# The headline numbers of each metric's results, as (column label, dotted path into "scores"): what `compare`
+# and the report show for kinds without a table of their own.
+HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
+    "visor": (("object acc.", "object_accuracy"), ("VISOR uncond", "visor_uncond"), ("VISOR cond", "visor_cond")),
+    "fid": (("FID", "fid"), ("KID", "kid_mean"), ("KID ±", "kid_std")),
+    "latency": (("s / image", "seconds_per_image"), ("±", "std")),
+    "compbench": tuple((c, f"{c}.mean") for c in ("color", "shape", "texture", "non_spatial")),
+    "clipscore": (("CLIP score", "clip_score.mean"), ("cosine", "cosine.mean")),
+    "shapes_exact": (("spatial object acc.", "spatial.object_accuracy"), ("VISOR cond", "spatial.visor_cond"),
+                     ("colour binding", "attribute.binding_score"), ("colour swaps", "attribute.swap_rate")),
+    "mask_quality": (("mask IoU", "overall.mask_iou"), ("box IoU", "overall.box_iou"), ("misses", "overall.misses")),
+}  # fmt: skip
+
+
+def headline(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """A result's headline numbers by label (None where its scores lack one, e.g. a category not run)."""
+    out: dict[str, float | None] = {}
+    for label, path in HEADLINES.get(str(result.get("kind")), ()):
+        node: Any = result.get("scores")
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        out[label] = float(node) if isinstance(node, int | float) else None
+    return out
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
@@ -89,8 +114,9 @@ def load_result(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"results file {path} is empty or not JSON ({err}): evaluate again to rewrite it") from err
-    if not isinstance(data, dict) or data.get("kind") not in RESULT_KINDS or not isinstance(data.get("scores"), dict):
-        raise UserError(f"{path} is not a results file of tokencompose evaluate (no multigen/grounding scores)")
+    body = "cells" if isinstance(data, dict) and data.get("kind") == "suite" else "scores"
+    if not isinstance(data, dict) or data.get("kind") not in RESULT_KINDS or not isinstance(data.get(body), dict):
+        raise UserError(f"{path} is not a results file of tokencompose evaluate (kinds: {', '.join(RESULT_KINDS)})")
     data.setdefault("_path", str(path))
     return data
 
@@ -103,7 +129,7 @@ def _label(result: Mapping[str, Any]) -> str:
 
 
 def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Side-by-side rows of several results files (MultiGen and/or grounding), as plain data."""
+    """Side-by-side rows of several results files (any kind: MultiGen, grounding, suites, headline metrics)."""
     rows = []
     for r in results:
         row: dict[str, Any] = {"name": _label(r), "kind": r.get("kind"), "path": r.get("_path")}
@@ -125,12 +151,17 @@ def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 auroc=r["scores"]["auroc"],
                 timesteps=r["scores"].get("timesteps"),
             )
+        elif r.get("kind") == "suite":
+            row.update(preset=r.get("preset"), seeds=r.get("seeds"), cells=r["cells"])
+        else:
+            row.update(headline=headline(r))
         rows.append(row)
     return {"rows": rows, "created": now_iso()}
 
 
 def markdown_table(table: Mapping[str, Any]) -> str:
-    """The comparison as markdown: one table for MultiGen rows (MG_k ± std), one for grounding rows."""
+    """The comparison as markdown: MultiGen rows (MG_k ± std), grounding rows, one Table 1 per suite preset (with
+    the paper's rows), and one table of headline numbers per other kind."""
     lines: list[str] = []
     mg = [r for r in table["rows"] if r["kind"] == "multigen"]
     if mg:
@@ -153,4 +184,17 @@ def markdown_table(table: Mapping[str, Any]) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in gr:
             lines.append(f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {r['timesteps']} |")
+    for preset in dict.fromkeys(r["preset"] for r in table["rows"] if r["kind"] == "suite"):
+        from tokencompose.evaluation.suite import suite_markdown  # lazy: the suite imports every metric
+
+        records = [{"name": r["name"], "preset": preset, "seeds": r["seeds"], "cells": r["cells"]}
+                   for r in table["rows"] if r["kind"] == "suite" and r["preset"] == preset]  # fmt: skip
+        lines += ([""] if lines else []) + suite_markdown(records).rstrip("\n").splitlines()
+    for kind in dict.fromkeys(r["kind"] for r in table["rows"] if "headline" in r):
+        labels = [label for label, _ in HEADLINES[kind]]
+        lines += ([""] if lines else []) + ["| model | " + " | ".join(f"{kind}: {x}" for x in labels) + " |",
+                                            "|---" * (len(labels) + 1) + "|"]  # fmt: skip
+        for r in (r for r in table["rows"] if r["kind"] == kind):
+            cells = ["-" if r["headline"][x] is None else f"{r['headline'][x]:.4g}" for x in labels]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

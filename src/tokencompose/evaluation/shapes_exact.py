@@ -12,7 +12,8 @@ that need a learned model on real images have an exact version here:
 - an object is detected when a region of its category scores strictly above the threshold (0.1 as VISOR);
 - the relation holds when **some** pair (a region of A, a region of B) satisfies it, judged on box centroids
   ``((x0 + x1) / 2, (y0 + y1) / 2)`` with strict inequalities and image coordinates (y grows downwards):
-  left ``xA < xB``, right ``xA > xB``, above ``yA < yB``, below ``yA > yB`` (:func:`relation_holds`);
+  left ``xA < xB``, right ``xA > xB``, above ``yA < yB``, below ``yA > yB`` (the one rule of
+  :func:`tokencompose.evaluation.visor.relation_holds`);
 - OA = percent of images with both objects detected (``object_accuracy_a`` / ``_b``: each alone);
   VISOR_uncond = percent of all images with both detected and the relation right; VISOR_cond = the same
   percent among images with both detected (None when there are none); VISOR_k = percent of prompts with at
@@ -48,49 +49,12 @@ from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import image_name
 from tokencompose.evaluation.prompts import Prompt
 from tokencompose.evaluation.scoring import image_key
+from tokencompose.evaluation.visor import RELATIONS, centroid, relation_holds
+from tokencompose.evaluation.visor import visor_text as spatial_text
 
-# VISOR's SR2D relations, as its prompts word them, and their short names.
-RELATIONS: dict[str, str] = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
 TASKS = ("spatial", "attribute")
 Box = Sequence[float]
 Region = Mapping[str, Any]
-
-
-def _short_relation(relation: str) -> str:
-    if relation in RELATIONS:
-        return RELATIONS[relation]
-    if relation in RELATIONS.values():
-        return relation
-    raise ValueError(f"unknown relation {relation!r}; known: {', '.join([*RELATIONS, *RELATIONS.values()])}")
-
-
-def centroid(box: Box) -> tuple[float, float]:
-    """Centre ``(x, y)`` of a box ``(x0, y0, x1, y1)`` in pixels."""
-    x0, y0, x1, y1 = (float(v) for v in box[:4])
-    return (x0 + x1) / 2.0, (y0 + y1) / 2.0
-
-
-def relation_holds(box_a: Box, box_b: Box, relation: str) -> bool:
-    """Whether object A (``box_a``) stands in ``relation`` to object B (``box_b``), VISOR's centroid rule.
-
-    Boxes are ``(x0, y0, x1, y1)`` in image coordinates (x to the right, y downwards). ``relation``: one of
-    :data:`RELATIONS` (``"to the left of"``, ...) or its short name (``left`` | ``right`` | ``above`` |
-    ``below``). Strict comparisons: objects with equal centroids stand in no relation.
-    """
-    short = _short_relation(relation)
-    (xa, ya), (xb, yb) = centroid(box_a), centroid(box_b)
-    if short == "left":
-        return xa < xb
-    if short == "right":
-        return xa > xb
-    if short == "above":
-        return ya < yb
-    return ya > yb
-
-
-def spatial_text(a: str, relation: str, b: str) -> str:
-    """VISOR's SR2D sentence: ``"a red circle to the left of a blue square"``."""
-    return f"{article(a)} {a} {relation} {article(b)} {b}"
 
 
 def relation_of(prompt: Prompt) -> str:
@@ -126,7 +90,7 @@ def spatial_prompts(num_prompts: int, seed: int = 0, categories: Sequence[str] |
     prompts = []
     for uid in range(num_prompts):
         i, j = (int(k) for k in rng.choice(len(cats), size=2, replace=False))
-        relation = list(RELATIONS)[uid % len(RELATIONS)]
+        relation = RELATIONS[uid % len(RELATIONS)]
         prompts.append(Prompt(uid=uid, categories=(cats[i], cats[j]), text=spatial_text(cats[i], relation, cats[j])))
     return prompts
 
@@ -185,7 +149,7 @@ def spatial_verdict(regions: Sequence[Region], a: str, b: str, relation: str, th
     kept = _kept(regions, threshold)
     boxes_a = [r["box"] for r in kept if r["category"] == a]
     boxes_b = [r["box"] for r in kept if r["category"] == b]
-    ok = any(relation_holds(ba, bb, relation) for ba in boxes_a for bb in boxes_b)
+    ok = relation_holds(relation, [centroid(x) for x in boxes_a], [centroid(x) for x in boxes_b])
     return {"found_a": bool(boxes_a), "found_b": bool(boxes_b), "relation": ok}
 
 

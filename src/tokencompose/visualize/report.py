@@ -1,8 +1,9 @@
 """One self-contained HTML report from run folders, results files and figure folders.
 
 Inputs are files or folders, searched a few levels deep: ``config.yaml`` (config summary),
-``metrics.jsonl`` (loss curves, drawn by the trainer's figure), results JSON with ``"kind"`` of
-``multigen`` or ``grounding`` (tables with ± and 95% CIs), and figure folders (``figures.json``
+``metrics.jsonl`` (loss curves, drawn by the trainer's figure), results JSON of any ``tokencompose evaluate``
+kind (MultiGen and grounding tables with ± and 95% CIs; suites as Table 1 beside the paper's rows; other
+metrics' headline numbers), and figure folders (``figures.json``
 manifests written by ``tokencompose visualize`` and ``probe layers``; loose ``attention_*``/``masks_*``/``grid*``/
 ``loss_curves`` PNGs too), and grounded-mask folders (``qa.json`` written by ``prepare grounded``, with its
 ``qa.png`` and ``contact_sheet.png``). Images are embedded as base64 data URIs and the CSS is inline, so the page
@@ -27,6 +28,7 @@ from typing import Any
 
 from tokencompose.atomic import atomic_write_text
 from tokencompose.errors import UserError
+from tokencompose.evaluation.results import RESULT_KINDS, compare, markdown_table
 from tokencompose.visualize.make import loss_curves
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ def _add_result(path: Path, got: Collected) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return  # not every JSON next to a run is a result (generation.json, shapes.json, ...)
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind in ("multigen", "grounding") and isinstance(data.get("scores"), dict):
+    body = "cells" if kind == "suite" else "scores"
+    if kind in RESULT_KINDS and isinstance(data.get(body), dict):
         data.setdefault("_path", str(path))
         got.results.append(data)
     elif kind == "summary" and isinstance(data.get("verdict"), str):
@@ -303,6 +306,26 @@ def _grounding_section(results: list[dict[str, Any]]) -> str:
     return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
 
 
+def _markdown_section(results: list[dict[str, Any]]) -> str:
+    """Results without a section of their own, as ``compare`` tabulates them (markdown tables -> HTML)."""
+    if not results:
+        return ""
+    parts, rows = [], []
+    for line in [*markdown_table(compare(results)).splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # skip the rule line
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            head = "".join(f"<th>{_e(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            rows = []
+        if line.strip():
+            parts.append(f'<p class="meta">{_e(line)}</p>')
+    return "".join(parts)
+
+
 def _pct(v: Any) -> str:
     """A fraction as a percentage (``–`` when absent)."""
     return _num(100 * v if isinstance(v, int | float) else None, "{:.1f}%")
@@ -380,8 +403,10 @@ SECTIONS = (
     ("config", "Configuration"),
     ("grounded", "Grounded masks"),
     ("curves", "Loss curves"),
+    ("table1", "Table 1"),
     ("multigen", "MultiGen"),
     ("grounding", "Attention grounding (IoU)"),
+    ("metrics", "Other metrics"),
     ("probe", "Layer probe"),
     ("attention", "Attention maps"),
     ("masks", "Masks vs attention"),
@@ -402,6 +427,8 @@ def render(got: Collected, title: str = "TokenCompose report") -> str:
         "curves": _curves_section(got.metrics, by_kind["curves"], notes),
         "multigen": _multigen_section(mg) if (mg := [r for r in got.results if r["kind"] == "multigen"]) else "",
         "grounding": _grounding_section(gr) if (gr := [r for r in got.results if r["kind"] == "grounding"]) else "",
+        "table1": _markdown_section([r for r in got.results if r["kind"] == "suite"]),
+        "metrics": _markdown_section([r for r in got.results if r["kind"] not in ("suite", "multigen", "grounding")]),
     }
     for kind in ("probe", "attention", "masks", "grid"):
         bodies[kind] = "".join(_figure_html(p, t) for _, p, t in by_kind[kind])

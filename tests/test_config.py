@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -125,20 +126,20 @@ def test_cli_bad_config_fails_before_any_model_is_loaded(monkeypatch, capsys):
         assert "tokencompose.train.loop" not in sys.modules
 
 
+@dataclasses.dataclass
+class _Inner:
+    steps: int = 50
+    images: int = 10
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(images=4))
+
+
 def test_a_nested_block_given_in_part_keeps_its_parents_defaults():
     """A field declared with a non-default nested value keeps it for the keys not given (not the class's)."""
-    import dataclasses
-
     from tokencompose.typed_data import build_dataclass
 
-    @dataclasses.dataclass
-    class Inner:
-        steps: int = 50
-        images: int = 10
-
-    @dataclasses.dataclass
-    class Outer:
-        inner: Inner = dataclasses.field(default_factory=lambda: Inner(images=4))
-
-    assert build_dataclass(Outer, {"inner": {"steps": 3}}).inner == Inner(steps=3, images=4)
-    assert build_dataclass(Outer, {}).inner == Inner(images=4)
+    assert build_dataclass(_Outer, {"inner": {"steps": 3}}).inner == _Inner(steps=3, images=4)
+    assert build_dataclass(_Outer, {}).inner == _Inner(images=4)

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Metrics whose subcommands live in their own command module (``commands/eval_<name>.py``: ``add_parser(sub)``
 # and ``run(args)``), so this file stays a table of contents.
-EXTRA_METRICS = ("visor", "compbench", "shapes", "latency", "suite")
+EXTRA_METRICS = ("visor", "fid", "compbench", "shapes", "latency", "suite")
 
 
 def _add_extra_metrics(sub: argparse._SubParsersAction) -> None:

@@ -82,3 +82,27 @@ def test_score_multigen_record() -> None:
     out = score_multigen(dets, prompts, 1, bootstrap=50)
     assert out["mg_percent"] == [100.0, 50.0]
     assert len(out["mg_ci95"]) == 2 and out["num_prompts"] == 2
+
+
+def test_paired_difference_matches_hand_computation_and_its_power_arithmetic():
+    import numpy as np
+
+    from tokencompose.evaluation.scoring import Z_ALPHA, Z_POWER, paired_difference
+
+    a = np.array([[2, 2], [1, 2], [0, 1], [2, 0]])  # [P=4 prompts, N=2 images]: categories found
+    b = np.array([[2, 1], [1, 1], [0, 0], [1, 0]])
+    out = paired_difference(a, b, max_k=2, num_samples=2000, seed=1)
+    # MG2 per prompt: A 100, 50, 0, 50; B 50, 0, 0, 0 -> d = 50, 50, 0, 50
+    d = np.array([50.0, 50.0, 0.0, 50.0])
+    assert out["diff"][1] == pytest.approx(d.mean())
+    assert out["se"][1] == pytest.approx(d.std(ddof=1) / 2.0)
+    assert out["mde"][1] == pytest.approx((Z_ALPHA + Z_POWER) * d.std(ddof=1) / 2.0)
+    assert out["prompts_for_5"][1] == int(np.ceil(4 * (out["mde"][1] / 5.0) ** 2))
+    lo, hi = out["ci95"][1]
+    assert 0.0 <= lo <= d.mean() <= hi <= 50.0  # bootstrap means of d lie within its range
+    # MG1: A finds >= 1 in 6 of 8 images, B in 5 of 8 -> +12.5 points
+    assert out["diff"][0] == pytest.approx(12.5)
+    same = paired_difference(a, a, max_k=2)
+    assert same["diff"] == [0.0, 0.0] and same["ci95"][1] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        paired_difference(a, b[:3], max_k=2)

@@ -127,3 +127,42 @@ def score_multigen(
         out["mg_ci95"] = bootstrap_ci(counts, max_k, bootstrap, 0.95, seed).tolist()
         out["bootstrap"] = {"samples": bootstrap, "seed": seed, "unit": "prompt"}
     return out
+
+
+# z quantiles of the power calculation: two-sided 5% test, 80% power (the usual design convention).
+Z_ALPHA, Z_POWER = 1.959964, 0.841621
+
+
+def paired_difference(
+    counts_a: np.ndarray, counts_b: np.ndarray, max_k: int, num_samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, list]:
+    """MG_k of A minus MG_k of B on the same prompts and image seeds, with what the design can detect.
+
+    ``counts_a``, ``counts_b``: ``[P, N]`` categories found per prompt and image, the same (prompt, seed) in
+    both. Per prompt, ``d_p = MG_k(A, p) - MG_k(B, p)`` (percent); the difference is their mean, its standard
+    error ``sd(d_p) / sqrt(P)`` (prompts are the independent unit: a prompt's images share its difficulty),
+    its CI a paired percentile bootstrap over prompts. ``mde`` is the smallest true difference this many
+    prompts detect with 80% power in a two-sided 5% test, ``(z_0.975 + z_0.8) * se``; ``prompts_for_5`` the
+    prompts that would bring it to 5 points at the same per-prompt spread.
+    """
+    if counts_a.shape != counts_b.shape:
+        raise ValueError(f"paired counts differ in shape: {counts_a.shape} vs {counts_b.shape}")
+    ks = np.arange(1, max_k + 1)
+    per_prompt = [(c[None, :, :] >= ks[:, None, None]).mean(axis=2) * 100.0 for c in (counts_a, counts_b)]
+    d = per_prompt[0] - per_prompt[1]  # [K, P]
+    p = d.shape[1]
+    se = d.std(axis=1, ddof=1) / np.sqrt(p) if p > 1 else np.full(max_k, np.nan)
+    rng = np.random.default_rng(seed)
+    boots = d[:, rng.integers(0, p, size=(num_samples, p))].mean(axis=2)  # [K, num_samples]
+    alpha = (1.0 - level) / 2.0
+    ci = np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
+    mde = (Z_ALPHA + Z_POWER) * se
+    needed = np.ceil(p * (mde / 5.0) ** 2)
+    return {
+        "diff": d.mean(axis=1).tolist(),
+        "ci95": ci.tolist(),
+        "se": se.tolist(),
+        "mde": mde.tolist(),
+        "prompts_for_5": [int(x) if np.isfinite(x) else None for x in needed],
+        "num_prompts": p,
+    }

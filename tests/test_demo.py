@@ -56,6 +56,15 @@ def test_smoke_report_contents(smoke_run):
         assert section in page, section
     assert page.count("data:image/png;base64,") >= 5
     assert "http://" not in page and "https://" not in page
+    # the powered protocol: the paired difference per MG_k with its CI, and what the design can detect
+    effect = summary["diff"]
+    assert len(effect["diff"]) == len(effect["ci95"]) == len(summary["mde"]) == 5
+    assert all(lo <= d <= hi for d, (lo, hi) in zip(effect["diff"], effect["ci95"], strict=True))
+    assert "The effect" in page and "minimum detectable effect" in page and "TokenCompose − control" in page
+    # the exact shapes-world scores of every arm
+    for name in ("base", "control", "tokencompose"):
+        assert {"spatial", "binding"} <= set(summary["table"][name])
+    assert "colour binding" in page
 
 
 def test_smoke_rerun_resumes_without_redoing_work(smoke_run):

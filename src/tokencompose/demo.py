@@ -88,6 +88,8 @@ class DemoSettings:
     """Denoising steps when generating."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale when generating."""
+    exact_prompts: int = 24
+    """Prompts of each exact shapes-world score (spatial relations, colour binding); 0: skip them."""
     grounding_images: int = 64
     """Held-out scenes of the attention-grounding metric."""
     grounding_timesteps: list[int] = field(default_factory=lambda: [200, 500])
@@ -98,7 +100,7 @@ class DemoSettings:
 
 # ``tokencompose demo --smoke``: every stage on a tiny scale (checks the wiring, about a minute).
 SMOKE = {"train_images": 16, "steps": 2, "batch_size": 4, "prompts": 2, "images_per_prompt": 1, "sample_steps": 2,
-         "grounding_images": 4}  # fmt: skip
+         "grounding_images": 4, "exact_prompts": 2}  # fmt: skip
 
 # Fields that do not change any result: a folder made with other values of these is resumed, not refused.
 _RESUMABLE = ("out", "figures")
@@ -162,7 +164,20 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
             GroundingSettings(out=str(gr.parent), name=name, model=model, shapes=s.grounding_images, resolution=64,
                               timesteps=list(s.grounding_timesteps), batch_size=16)
         )  # fmt: skip
-    return {"multigen": mg, "grounding": gr}
+    exact = out / "exact" / "results.json"
+    if s.exact_prompts > 0 and not exact.is_file():
+        from tokencompose.evaluation.shapes_exact_run import (
+            ShapesExactSettings,
+            ShapesGenerationSettings,
+            run_shapes_exact,
+        )
+
+        gen = ShapesGenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance_scale, resolution=64,
+                                       images_per_prompt=s.images_per_prompt, seed=s.seed)  # fmt: skip
+        run_shapes_exact(ShapesExactSettings(out=str(exact.parent), name=name, model=model, generation=gen,
+                                             num_prompts=s.exact_prompts, prompt_seed=s.seed,
+                                             run=ShardSettings(batch_size=16)))  # fmt: skip
+    return {"multigen": mg, "grounding": gr, "exact": exact}
 
 
 def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
@@ -201,33 +216,64 @@ def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
         if files["grounding"].is_file():
             g = json.loads(files["grounding"].read_text())["scores"]
             row["miou"], row["auroc"] = g.get("best_miou"), g.get("auroc")
+        if files.get("exact") is not None and files["exact"].is_file():
+            ex = json.loads(files["exact"].read_text())["scores"]
+            row["spatial"] = (ex.get("spatial") or {}).get("visor_uncond")
+            row["binding"] = (ex.get("attribute") or {}).get("binding_score")
         table[name] = row
     return table
 
 
-def verdict(table: dict[str, Any]) -> str:
-    """A plain statement of whether TokenCompose beat the control: MG2..MG5 (with CI overlap) and grounding."""
+def paired_effect(results: dict[str, dict[str, Path]], prompts: Path, images_per_prompt: int, seed: int) -> dict:
+    """TokenCompose minus control on MG_k, image for image (same prompts and seeds): difference, CI, MDE."""
+    from tokencompose.evaluation.prompts import load_prompts
+    from tokencompose.evaluation.results import read_detections
+    from tokencompose.evaluation.scoring import found_counts, paired_difference
+
+    plist = load_prompts(prompts)
+    counts = {}
+    for arm in ("tokencompose", "control"):
+        mg = results[arm]["multigen"]
+        threshold = json.loads(mg.read_text())["threshold"]
+        counts[arm] = found_counts(read_detections(mg.parent), plist, images_per_prompt, threshold)
+    k = max(len(p.categories) for p in plist)
+    return paired_difference(counts["tokencompose"], counts["control"], k, seed=seed)
+
+
+def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
+    """A plain statement of whether TokenCompose beat the control: the paired MG_k differences and grounding.
+
+    With ``effect`` (:func:`paired_effect`) the verdict is the difference TokenCompose - control per MG_k with its
+    95% CI (a CI above zero is a win on that k, below zero a loss) and the minimum detectable effect; without
+    it, the older comparison of each arm's own CIs.
+    """
     tc, ctl = table.get("tokencompose", {}), table.get("control", {})
     if not tc.get("mg") or not ctl.get("mg"):
         return "MultiGen scores missing: no verdict."
-    d_mg = round(sum(tc["mg"][1:]) - sum(ctl["mg"][1:]), 2)  # percentages: 0.01 is below one image
-    clear = [
-        f"MG{k + 1}"
-        for k in range(1, min(len(tc["mg"]), len(ctl["mg"])))
-        if tc.get("mg_ci") and ctl.get("mg_ci") and tc["mg_ci"][k][0] > ctl["mg_ci"][k][1]
-    ]
     d_iou = (tc.get("miou") or 0) - (ctl.get("miou") or 0)
+    grounding = (f"changed the attention-grounding mIoU by {d_iou:+.3f} "
+                 f"({tc.get('miou') or 0:.3f} vs {ctl.get('miou') or 0:.3f})")  # fmt: skip
+    if effect:
+        ks = range(1, len(effect["diff"]))  # MG2..MG_K, as the paper reports
+        won = [f"MG{k + 1}" for k in ks if effect["ci95"][k][0] > 0]
+        lost = [f"MG{k + 1}" for k in ks if effect["ci95"][k][1] < 0]
+        d, ci = effect["diff"], effect["ci95"]
+        cells = "; ".join(f"MG{k + 1} {d[k]:+.1f} [{ci[k][0]:+.1f}, {ci[k][1]:+.1f}]" for k in ks)
+        mde = ", ".join(f"MG{k + 1} {effect['mde'][k]:.1f}" for k in ks)
+        if won and not lost:
+            head = f"TokenCompose beat the control on {', '.join(won)} (95% CI of the paired difference above zero)"
+        elif lost and not won:
+            head = f"TokenCompose did worse than the control on {', '.join(lost)}"
+        elif won:
+            head = f"TokenCompose beat the control on {', '.join(won)} and did worse on {', '.join(lost)}"
+        else:
+            head = "No MG_k difference between TokenCompose and the control is distinguishable from zero"
+        return (f"{head}. TokenCompose - control, percentage points with 95% CIs over "
+                f"{effect['num_prompts']} prompts: {cells}. This design detects true differences of {mde} points "
+                f"(80% power). TokenCompose {grounding}.")  # fmt: skip
+    d_mg = round(sum(tc["mg"][1:]) - sum(ctl["mg"][1:]), 2)  # percentages: 0.01 is below one image
     mg_word = "beat" if d_mg > 0 else ("tied with" if d_mg == 0 else "did not beat")
-    ci_text = (
-        f"the 95% CIs separate on {', '.join(clear)}"
-        if clear
-        else "no MG_k's 95% CIs separate, so this is not evidence"
-    )
-    return (
-        f"TokenCompose {mg_word} the control on MultiGen (sum of MG2..MG5 {d_mg:+.2f} points; {ci_text}) and "
-        f"changed the attention-grounding mIoU by {d_iou:+.3f} "
-        f"({tc.get('miou') or 0:.3f} vs {ctl.get('miou') or 0:.3f})."
-    )
+    return f"TokenCompose {mg_word} the control on MultiGen (sum of MG2..MG5 {d_mg:+.2f} points) and {grounding}."
 
 
 def run_demo(s: DemoSettings) -> dict[str, Any]:
@@ -282,7 +328,9 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         _figures(s, base, arms, heldout)
         stages.update(1)
     table = summarize(results)
-    summary = {"kind": "summary", "table": table, "verdict": verdict(table), "base": str(base), "settings": asdict(s)}
+    effect = paired_effect(results, prompts, s.images_per_prompt, s.seed)
+    summary = {"kind": "summary", "table": table, "diff": effect, "mde": effect["mde"],
+               "verdict": verdict(table, effect), "base": str(base), "settings": asdict(s)}  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     build_report([out], out / "report.html", title="TokenCompose demo on the shapes world")
     stages.update(1)

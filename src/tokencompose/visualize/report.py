@@ -167,7 +167,9 @@ def _summary_section(summaries: list[dict[str, Any]]) -> str:
         table = s.get("table") or {}
         if table:
             kmax = max((len(r.get("mg") or []) for r in table.values()), default=0)
+            exact = any("binding" in r or "spatial" in r for r in table.values())
             head = ["model", *(f"MG{k}" for k in range(1, kmax + 1)), "mIoU", "AUROC"]
+            head += ["spatial (VISOR)", "colour binding"] if exact else []
             rows = []
             for name, r in table.items():
                 mg, ci = r.get("mg") or [], r.get("mg_ci") or []
@@ -179,13 +181,37 @@ def _summary_section(summaries: list[dict[str, Any]]) -> str:
                     cells.append(f'<td class="num">{text}</td>')
                 cells += [f'<td class="num">{_num(r.get("miou"), "{:.3f}")}</td>']
                 cells += [f'<td class="num">{_num(r.get("auroc"), "{:.3f}")}</td>']
+                if exact:
+                    cells += [f'<td class="num">{_num(r.get("spatial"))}</td>']
+                    cells += [f'<td class="num">{_num(r.get("binding"), "{:.3f}")}</td>']
                 rows.append("<tr>" + "".join(cells) + "</tr>")
             th = "".join(f"<th>{_e(h)}</th>" for h in head)
             parts.append(f"<table><tr>{th}</tr>{''.join(rows)}</table>")
             parts.append('<p class="meta">MG<sub>k</sub> in percent with 95% bootstrap CIs over prompts; mIoU is the '
                          "best over the threshold sweep; both are detailed below.</p>")  # fmt: skip
+        if isinstance(s.get("diff"), dict):
+            parts.append(_effect_table(s["diff"]))
         parts.extend(f"<p>{_e(str(n))}</p>" for n in s.get("notes", []))
     return "".join(parts)
+
+
+def _effect_table(effect: dict[str, Any]) -> str:
+    """TokenCompose - control per MG_k (paired, with its 95% CI) and what the design can detect."""
+    diff, ci, mde, need = (effect.get(k) or [] for k in ("diff", "ci95", "mde", "prompts_for_5"))
+    head = ["", *(f"MG{k}" for k in range(1, len(diff) + 1))]
+    cells = [
+        ("TokenCompose − control", [f"{_num(d, '{:+.2f}')}<span class=\"ci\">[{_num(c[0], '{:+.2f}')}, "
+                                    f"{_num(c[1], '{:+.2f}')}]</span>" for d, c in zip(diff, ci, strict=False)]),
+        ("minimum detectable effect", [_num(m) for m in mde]),
+        ("prompts for a 5-point MDE", [_e(n if n is not None else "–") for n in need]),
+    ]  # fmt: skip
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    rows = "".join(f"<tr><td>{_e(name)}</td>" + "".join(f'<td class="num">{v}</td>' for v in vals) + "</tr>"
+                   for name, vals in cells)  # fmt: skip
+    note = (f'<p class="meta">Paired over {_e(effect.get("num_prompts", "?"))} prompts (same prompts and image seeds '
+            "in both arms): the difference in percentage points with its 95% bootstrap CI; the minimum detectable "
+            "effect is the true difference this design finds with 80% power in a two-sided 5% test.</p>")  # fmt: skip
+    return f"<h3>The effect</h3><table><tr>{th}</tr>{rows}</table>{note}"
 
 
 # -- rendering ---------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,12 +26,11 @@ import torch
 
 from tokencompose.data.records import Box
 from tokencompose.errors import UserError, one_line
-from tokencompose.models import hf_dtype, looks_like_path
+from tokencompose.hub import check_model_name, hf_kwargs, load_hf
 
 BOX = "box"
 # SAM-HQ ViT-H (the paper's sam_hq_vit_h) converted to transformers' SamHQModel by the transformers team.
 PAPER_SEGMENTER = "syscv-community/sam-hq-vit-huge"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 
 @dataclass(frozen=True)
@@ -142,18 +140,10 @@ class SamSegmenter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
-        local = Path(self.name).expanduser().is_dir()
-        kw: dict[str, Any] = {"local_files_only": True} if local else ({"revision": revision} if revision else {})
-        where = str(Path(self.name).expanduser()) if local else self.name
-        try:
-            self.processor = getattr(transformers, backend.processor).from_pretrained(where, **kw)
-            self.model = getattr(transformers, backend.model).from_pretrained(where, **hf_dtype(self.dtype), **kw)
-        except OSError as err:
-            raise UserError(f"segmenter {self.name} could not be loaded: {one_line(str(err))}") from err
-        self.model.to(self.device).eval()
-        # The commit a hub download resolved to (provenance); a plain folder has none.
-        commit = getattr(self.model.config, "_commit_hash", None)
-        self.resolved_revision = None if local else (commit or revision)
+        self.processor, self.model, self.resolved_revision = load_hf(
+            getattr(transformers, backend.model), getattr(transformers, backend.processor), self.name, revision,
+            dtype, self.device, "segmenter",
+        )  # fmt: skip
 
     def segment(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]]) -> list[np.ndarray]:
         return self._run(images, boxes, lambda logits: (logits > 0.0).cpu().numpy())
@@ -218,25 +208,8 @@ class SamSegmenter:
 
 
 def check_segmenter_name(name: str | Path) -> None:
-    """Refuse a segmenter name that cannot resolve: not ``box``, not an existing folder, not ``org/name``.
-
-    Cheap and offline, so a typo is reported before any image is read.
-    """
-    text = str(name)
-    if text == BOX:
-        return
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise UserError(f"segmenter folder {text} has no config.json: pass a transformers SAM folder")
-        return
-    if looks_like_path(text) or folder.exists():
-        raise UserError(f"segmenter folder {text} does not exist")
-    if not HUB_ID.match(text):
-        raise UserError(
-            f"unknown segmenter {text!r}: use 'box', a local SAM / SAM-HQ / SAM 2 folder, "
-            f"or a hub id such as {PAPER_SEGMENTER}"
-        )
+    """Refuse a segmenter name that cannot resolve (cheap and offline: a typo is reported before any image is read)."""
+    check_model_name(name, "segmenter", BOX, PAPER_SEGMENTER, "a local SAM / SAM-HQ / SAM 2 folder")
 
 
 def _model_type(name: str, revision: str | None) -> str | None:
@@ -249,8 +222,7 @@ def _model_type(name: str, revision: str | None) -> str | None:
         else:
             from transformers import PretrainedConfig
 
-            kw: dict[str, Any] = {"revision": revision} if revision else {}
-            config, _ = PretrainedConfig.get_config_dict(name, **kw)
+            config, _ = PretrainedConfig.get_config_dict(name, **hf_kwargs(name, revision))
     except (OSError, ValueError) as err:
         raise UserError(f"segmenter {name} could not be loaded: {one_line(str(err))}") from err
     return config.get("model_type") if isinstance(config, dict) else None

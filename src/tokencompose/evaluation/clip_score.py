@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tokencompose.errors import UserError, one_line
+from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import GenerationSettings, image_name
 from tokencompose.evaluation.prompts import Prompt, PromptSettings, resolve_prompts
 from tokencompose.evaluation.provenance import read_png
@@ -89,14 +89,6 @@ class ClipScoreSettings:
     run: ShardSettings = field(default_factory=ShardSettings)
 
 
-def hf_kwargs(name: str, revision: str | None) -> dict[str, Any]:
-    """``from_pretrained`` keywords: the revision when given, no network for a local folder."""
-    kw: dict[str, Any] = {"revision": revision} if revision else {}
-    if Path(name).expanduser().exists():
-        kw["local_files_only"] = True
-    return kw
-
-
 def pixels(
     images: Sequence[Any], resize: int | tuple[int, int], crop: int | None, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -137,18 +129,13 @@ class ClipScorer:
     def __init__(self, settings: ClipSettings, device: str | torch.device = "cpu") -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        from tokencompose.models import hf_dtype
+        from tokencompose.hub import load_hf
 
         self.name, self.batch_size, self.device = str(settings.model), settings.batch_size, torch.device(device)
-        kw = hf_kwargs(self.name, settings.revision)
-        try:
-            self.processor = AutoProcessor.from_pretrained(self.name, **kw)
-            self.model = CLIPModel.from_pretrained(self.name, **hf_dtype(DTYPES[settings.dtype]), **kw)
-        except (OSError, ValueError) as err:
-            raise UserError(f"CLIP model {self.name} could not be loaded: {one_line(str(err))}") from err
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.resolved_revision = load_hf(
+            CLIPModel, AutoProcessor, self.name, settings.revision, DTYPES[settings.dtype], self.device, "CLIP model"
+        )
         self.dtype = self.model.dtype
-        self.resolved_revision = settings.revision or getattr(self.model.config, "_commit_hash", None)
         ip = self.processor.image_processor
         self.resize = int(_get(ip.size, "shortest_edge"))
         crop = getattr(ip, "crop_size", None)

@@ -48,7 +48,6 @@ from tokencompose.errors import UserError, one_line
 from tokencompose.evaluation.clip_score import (
     ClipScorer,
     ClipSettings,
-    hf_kwargs,
     image_paths,
     load_images,
     make_images,
@@ -170,18 +169,14 @@ class BlipVqaScorer:
     def __init__(self, settings: VqaSettings, device: str | torch.device = "cpu") -> None:
         from transformers import AutoProcessor, BlipForQuestionAnswering
 
-        from tokencompose.models import hf_dtype
+        from tokencompose.hub import load_hf
 
         self.name, self.batch_size, self.device = str(settings.model), settings.batch_size, torch.device(device)
-        kw = hf_kwargs(self.name, settings.revision)
-        try:
-            self.processor = AutoProcessor.from_pretrained(self.name, **kw)
-            self.model = BlipForQuestionAnswering.from_pretrained(self.name, **hf_dtype(DTYPES[settings.dtype]), **kw)
-        except (OSError, ValueError) as err:
-            raise UserError(f"BLIP VQA model {self.name} could not be loaded: {one_line(str(err))}") from err
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.resolved_revision = load_hf(
+            BlipForQuestionAnswering, AutoProcessor, self.name, settings.revision, DTYPES[settings.dtype], self.device,
+            "BLIP VQA model",
+        )
         self.dtype = self.model.dtype
-        self.resolved_revision = settings.revision or getattr(self.model.config, "_commit_hash", None)
         ip = self.processor.image_processor
         native = int(ip.size["height"] if isinstance(ip.size, dict) else ip.size.height)
         self.image_size = settings.image_size or native

@@ -11,7 +11,6 @@ from others. Nothing is thresholded here: the stored per-category maxima rescore
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +19,7 @@ import torch
 
 from tokencompose.data.shapes_detect import detect_shapes
 from tokencompose.errors import UserError, one_line
-from tokencompose.models import hf_dtype, looks_like_path
+from tokencompose.hub import check_model_name, hf_kwargs, load_hf
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +89,9 @@ class _HFDetector:
         self.dtype = dtype
         self.batch_size = batch_size
         self.template = template or self.default_template
-        kw: dict[str, Any] = {"revision": revision} if revision else {}
-        if Path(self.name).exists():
-            kw["local_files_only"] = True
-        self.processor = AutoProcessor.from_pretrained(self.name, **kw)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.name, **hf_dtype(dtype), **kw)
-        self.model.to(self.device).eval()
-        # The resolved commit of a hub download, recorded in results (None for a plain folder).
-        self.resolved_revision = revision or getattr(self.model.config, "_commit_hash", None)
+        self.processor, self.model, self.resolved_revision = load_hf(
+            AutoModelForZeroShotObjectDetection, AutoProcessor, self.name, revision, dtype, self.device, "detector"
+        )  # the resolved commit of a hub download is recorded in results (None for a plain folder)
 
     default_template = OWL_TEMPLATE
 
@@ -261,28 +255,9 @@ class ShapesDetector:
         return out
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: every open-vocabulary detector on the hub
-
-
 def check_detector_name(name: str | Path) -> None:
-    """Refuse a detector name that cannot resolve: not ``shapes``, not an existing folder, not ``org/name``.
-
-    Cheap and offline, so a typo is reported before any image is generated.
-    """
-    text = str(name)
-    if text == "shapes":
-        return
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise UserError(f"detector folder {text} has no config.json: pass a transformers detector folder")
-        return
-    if looks_like_path(text) or folder.exists():
-        raise UserError(f"detector folder {text} does not exist")
-    if not HUB_ID.match(text):
-        raise UserError(
-            f"unknown detector {text!r}: use 'shapes', a local detector folder, or a hub id such as {PAPER_DETECTOR}"
-        )
+    """Refuse a detector name that cannot resolve (cheap and offline: a typo is reported before generating)."""
+    check_model_name(name, "detector", "shapes", PAPER_DETECTOR, "a local transformers detector folder")
 
 
 def detector_kind(name: str | Path, revision: str | None = None) -> str:
@@ -296,11 +271,8 @@ def detector_kind(name: str | Path, revision: str | None = None) -> str:
         return "shapes"
     from transformers import AutoConfig
 
-    kw: dict[str, Any] = {"revision": revision} if revision else {}
-    if Path(str(name)).exists():
-        kw["local_files_only"] = True
     try:
-        model_type = AutoConfig.from_pretrained(str(name), **kw).model_type
+        model_type = AutoConfig.from_pretrained(str(name), **hf_kwargs(name, revision)).model_type
     except (OSError, ValueError) as err:
         raise UserError(f"detector {name} could not be loaded: {one_line(str(err))}") from err
     if model_type not in ("owlv2", "owlvit", "grounding-dino"):

@@ -173,7 +173,12 @@ class BlipVqaScorer:
 
         self.name, self.batch_size, self.device = str(settings.model), settings.batch_size, torch.device(device)
         self.processor, self.model, self.resolved_revision = load_hf(
-            BlipForQuestionAnswering, AutoProcessor, self.name, settings.revision, DTYPES[settings.dtype], self.device,
+            BlipForQuestionAnswering,
+            AutoProcessor,
+            self.name,
+            settings.revision,
+            DTYPES[settings.dtype],
+            self.device,
             "BLIP VQA model",
         )
         self.dtype = self.model.dtype

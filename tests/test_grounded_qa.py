@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tokencompose.data import grounded_qa as G
+from tokencompose.data import grounded_sheet as S
 from tokencompose.data.official import save_mask
 from tokencompose.errors import UserError
 from tokencompose.visualize.report import build_report, collect
@@ -143,9 +144,9 @@ def test_old_format_and_empty_folders_give_absent_stats(tmp_path):
     empty = G.qa_summary([], tmp_path, [])
     assert empty["rows"] == 0 and empty["null_rate"] is None and empty["reference"]["agreement"] is None
     for summary in (s, empty):  # nothing to draw is drawn as such, not raised
-        png = G.draw_qa(summary, tmp_path / "qa.png")
-        assert Image.open(png).size == G.QA_SIZE
-    sheet = G.contact_sheet([], tmp_path, tmp_path / "sheet.png")
+        png = S.draw_qa(summary, tmp_path / "qa.png")
+        assert Image.open(png).size == S.QA_SIZE
+    sheet = S.contact_sheet([], tmp_path, tmp_path / "sheet.png")
     Image.open(sheet).verify()
 
 
@@ -163,10 +164,10 @@ def test_write_qa_writes_json_and_figures(folder, tmp_path):
     assert on_disk == json.loads(json.dumps(s))
     assert on_disk["rows"] == 3 and on_disk["reference"]["agreement"] == pytest.approx(4 / 6)
     assert on_disk["figures"] == {"qa": "qa.png", "contact_sheet": "contact_sheet.png", "seed": 3}
-    assert _png_ok(folder / "qa.png") == G.QA_SIZE
+    assert _png_ok(folder / "qa.png") == S.QA_SIZE
     # 4 lines (the broken one too) -> a 2 x 2 grid of cells
-    cell_w = 256 + 2 * G.PAD_PX
-    cell_h = G.TITLE_PX + 256 + G.LEGEND_LINES * G.LINE_PX + 2 * G.PAD_PX
+    cell_w = 256 + 2 * S.PAD_PX
+    cell_h = S.TITLE_PX + 256 + S.LEGEND_LINES * S.LINE_PX + 2 * S.PAD_PX
     assert _png_ok(folder / "contact_sheet.png") == (2 * cell_w, 2 * cell_h)
     assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporaries
     with pytest.raises(UserError, match="does not exist"):
@@ -177,13 +178,13 @@ def test_write_qa_writes_json_and_figures(folder, tmp_path):
 
 def test_contact_sheet_is_seeded(folder, tmp_path):
     rows = G.JsonlRows(folder / "metadata.jsonl")
-    a = G.contact_sheet(rows, folder, tmp_path / "a.png", n=2, seed=0, tile=64).read_bytes()
-    b = G.contact_sheet(rows, folder, tmp_path / "b.png", n=2, seed=0, tile=64).read_bytes()
-    c = G.contact_sheet(rows, folder, tmp_path / "c.png", n=2, seed=1, tile=64).read_bytes()
+    a = S.contact_sheet(rows, folder, tmp_path / "a.png", n=2, seed=0, tile=64).read_bytes()
+    b = S.contact_sheet(rows, folder, tmp_path / "b.png", n=2, seed=0, tile=64).read_bytes()
+    c = S.contact_sheet(rows, folder, tmp_path / "c.png", n=2, seed=1, tile=64).read_bytes()
     assert a == b and a != c
     listed = list(rows)  # a list draws the same rows as the lazy file
-    assert G.contact_sheet(listed, folder, tmp_path / "d.png", n=2, seed=0, tile=64).read_bytes() == a
-    assert _png_ok(tmp_path / "a.png") == (2 * (64 + 2 * G.PAD_PX), 64 + G.TITLE_PX + G.LEGEND_LINES * G.LINE_PX + 12)
+    assert S.contact_sheet(listed, folder, tmp_path / "d.png", n=2, seed=0, tile=64).read_bytes() == a
+    assert _png_ok(tmp_path / "a.png") == (2 * (64 + 2 * S.PAD_PX), 64 + S.TITLE_PX + S.LEGEND_LINES * S.LINE_PX + 12)
 
 
 def test_contact_sheet_survives_missing_images_and_masks(tmp_path):
@@ -205,8 +206,8 @@ def test_contact_sheet_survives_missing_images_and_masks(tmp_path):
             "detections": [1, True, 0] + [0] * 6,
         }
     )
-    png = G.contact_sheet(rows, tmp_path, tmp_path / "sheet.png", n=16, tile=48)
-    assert _png_ok(png)[0] == 3 * (48 + 2 * G.PAD_PX)  # 5 rows -> 3 columns
+    png = S.contact_sheet(rows, tmp_path, tmp_path / "sheet.png", n=16, tile=48)
+    assert _png_ok(png)[0] == 3 * (48 + 2 * S.PAD_PX)  # 5 rows -> 3 columns
     s = G.qa_summary(rows, tmp_path)
     assert s["malformed_rows"] == 1 and s["mask_errors"] == {"missing_mask": 2, "unreadable_mask": 1}
 

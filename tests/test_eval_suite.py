@@ -73,3 +73,20 @@ def test_paper_preset_on_a_tiny_model_writes_table_1_with_the_papers_rows(tmp_pa
     assert "| SD 1.4 (paper) | 29.86 |" in table and "| tiny |" in table and "FID (COCO)" in table
     assert table == suite_markdown([stored])
     assert PAPER_ROWS["TokenCompose (paper)"]["coco_mg2"] == (98.08, 0.40)
+
+
+def test_compare_puts_several_suites_side_by_side_with_the_papers_rows(tmp_path):
+    from tokencompose.evaluation.results import compare, load_result, markdown_table
+
+    paths = []
+    for name, acc in (("ours A", 31.5), ("ours B", 48.25)):
+        record = {"kind": "suite", "name": name, "preset": "paper", "seeds": [0, 1],
+                  "cells": {"object_accuracy": [acc, 1.5], "latency": [7.6, 0.2]}}  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(record))
+        paths.append(path)
+    table = markdown_table(compare([load_result(p) for p in paths]))
+    lines = table.splitlines()
+    assert sum(line.startswith("| SD 1.4 (paper) |") for line in lines) == 1  # one reference block
+    assert "| ours A | 31.50 ± 1.50 |" in table and "| ours B | 48.25 ± 1.50 |" in table
+    assert "mean ± std over seeds" in table

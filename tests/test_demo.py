@@ -85,7 +85,7 @@ def test_demo_refuses_a_folder_of_another_run(smoke_run, capsys):
     _, out = smoke_run
     rc = main(["demo", "--smoke", "--out", str(out), "--base", str(out.parent / "base"), "seed=7"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "seed 0 there, 7 now" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "seed 11 there, 7 now" in err and len(err.splitlines()) == 1
 
 
 def test_demo_refuses_a_foreign_non_empty_folder(tmp_path, capsys):

@@ -58,8 +58,9 @@ class DemoSettings:
     """Output folder; re-running resumes from it (a folder holding other settings is refused)."""
     base: str | None = None
     """Base model folder (diffusers layout); None = the shipped shapes-world base."""
-    seed: int = 0
-    """Seed of the training scenes, the prompts and the training noise."""
+    seed: int = 11
+    """Seed of the training scenes, the prompts and the training noise. 11 is a verdict seed: the settings were
+    chosen on seeds 0 and 7 (design), and 11, 12, 13 were never used while choosing (the base's card)."""
     train_images: int = 1000
     """Training scenes rendered from the shapes world."""
     min_objects: int = 2

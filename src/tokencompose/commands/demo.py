@@ -33,11 +33,20 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(DemoSettings, merge(SMOKE if args.smoke else {}, given), args.settings)
     summary = run_demo(settings)
     print()
-    print(f"{'model':<18} {'MG1':>7} {'MG2':>7} {'MG3':>7} {'MG4':>7} {'MG5':>7} {'mIoU':>7} {'AUROC':>7}")
+    nan = float("nan")
+    print(f"{'model':<18} {'MG1':>7} {'MG2':>7} {'MG3':>7} {'MG4':>7} {'MG5':>7} {'mIoU':>7} {'AUROC':>7} "
+          f"{'spatial':>7} {'binding':>7}")  # fmt: skip
     for name, row in summary["table"].items():
-        mg = row.get("mg") or [float("nan")] * 5
+        mg = row.get("mg") or [nan] * 5
         cells = " ".join(f"{v:7.2f}" for v in mg[:5])
-        print(f"{name:<18} {cells} {row.get('miou') or float('nan'):7.4f} {row.get('auroc') or float('nan'):7.4f}")
+        extra = [row.get(k) for k in ("miou", "auroc", "spatial", "binding")]
+        fmts = ("7.4f", "7.4f", "7.2f", "7.3f")
+        more = " ".join(format(nan if v is None else v, f) for v, f in zip(extra, fmts, strict=True))
+        print(f"{name:<18} {cells} {more}")
+    effect = summary.get("diff") or {}
+    if effect.get("diff"):
+        print(f"{'TC - control':<18} " + " ".join(f"{v:+7.2f}" for v in effect["diff"][:5]))
+        print(f"{'  MDE (80% power)':<18} " + " ".join(f"{v:7.2f}" for v in effect["mde"][:5]))
     print()
     print(summary["verdict"])
     print(f"report: {settings.out}/report.html")

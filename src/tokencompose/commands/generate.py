@@ -24,11 +24,11 @@ def add_prompt_options(p: argparse.ArgumentParser, allow_text: bool = False) -> 
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (defaults: the paper's settings)")
-    option(g, "--steps", key="generation.steps", help="denoising steps (50)")
-    option(g, "--guidance-scale", key="generation.guidance_scale", help="classifier-free guidance (7.5)")
+    g = p.add_argument_group("generation (defaults: the command's protocol; MultiGen's are the paper's)")
+    option(g, "--steps", key="generation.steps", help="denoising steps (MultiGen: 50)")
+    option(g, "--guidance-scale", key="generation.guidance_scale", help="classifier-free guidance (MultiGen: 7.5)")
     option(g, "--resolution", key="generation.resolution", help="image size in pixels (default: the model's)")
-    option(g, "--images-per-prompt", key="generation.images_per_prompt", help="(10)")
+    option(g, "--images-per-prompt", key="generation.images_per_prompt", help="(MultiGen 10, VISOR 4, FID 1)")
     option(g, "--scheduler", key="generation.scheduler", help="pndm | ddim | ddpm | euler | euler-ancestral | dpm")
     option(g, "--seed", key="generation.seed", help="base seed; image seeds derive from (seed, prompt id, index)")
     option(g, "--negative-prompt", key="generation.negative_prompt")

@@ -47,6 +47,26 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"  # the typed settings of the command that wrote a folder
 
 
+def detection_provenance(
+    name: str | None, model: ModelSettings, prompts: dict[str, Any], image_dir: Path, detector: dict[str, Any],
+    seed: int, shard: Shard,
+) -> dict[str, Any]:  # fmt: skip
+    """What a detector-scored results file (MultiGen, VISOR) records about where its numbers came from."""
+    gen_file = image_dir / "generation.json"
+    return {
+        "name": name,
+        "model": model_record(model) if model.model else None,
+        "prompts": prompts,
+        "generation": json.loads(gen_file.read_text()) if gen_file.is_file() else None,
+        "images": str(image_dir),
+        "detector": detector,
+        "seeds": {"base_seed": seed, "image_seed": "sha256('tokencompose/<seed>/<uid>/<index>')[:8]"},
+        "shards": shard.count,
+        "device": str(shard.device),
+        "settings": SETTINGS_FILE,
+    }
+
+
 def model_record(model: ModelSettings) -> dict[str, Any]:
     """What identifies the model in provenance records and results."""
     return {"base": model.model, "checkpoint": model.checkpoint, "ema": model.ema, "lora_scale": model.lora_scale}
@@ -138,25 +158,9 @@ def run_multigen(settings: MultiGenSettings) -> dict[str, Any]:
         return {}
     save_prompts(prompts, out_dir / "prompts.json")  # what rescoring reads: these prompts' detections only
     save_settings(out_dir, s)
-    gen_file = image_dir / "generation.json"
-    provenance = {
-        "name": s.name,
-        "model": model_record(s.model) if s.model.model else None,
-        "prompts": info,
-        "generation": json.loads(gen_file.read_text()) if gen_file.is_file() else None,
-        "images": str(image_dir),
-        "detector": {
-            "id": str(d.detector),
-            "revision": getattr(detector, "resolved_revision", None),
-            "template": detector.template,
-            "queries": d.queries,
-            "dtype": d.dtype,
-        },  # fmt: skip
-        "seeds": {"base_seed": s.generation.seed, "image_seed": "sha256('tokencompose/<seed>/<uid>/<index>')[:8]"},
-        "shards": shard.count,
-        "device": str(shard.device),
-        "settings": SETTINGS_FILE,
-    }
+    detector_block = {"id": str(d.detector), "revision": getattr(detector, "resolved_revision", None),
+                      "template": detector.template, "queries": d.queries, "dtype": d.dtype}  # fmt: skip
+    provenance = detection_provenance(s.name, s.model, info, image_dir, detector_block, s.generation.seed, shard)
     result = multigen_result(read_detections(out_dir), prompts, s.generation.images_per_prompt, d.threshold,
                              d.bootstrap, provenance=provenance)  # fmt: skip
     write_json_atomic(Path(s.output or out_dir / "results.json"), result)

@@ -248,7 +248,7 @@ def _check_thresholds(threshold: float, store_threshold: float) -> None:
 def run_visor(settings: VisorSettings) -> dict[str, Any]:
     """``tokencompose evaluate visor``: generate, detect, score; returns (and writes) the results ({} off rank 0)."""
     from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
-    from tokencompose.evaluation.run import SETTINGS_FILE, _generate, model_record, save_settings
+    from tokencompose.evaluation.run import _generate, detection_provenance, save_settings
     from tokencompose.loading import DTYPES
     from tokencompose.sharding import progress_bar, resolve_shard
 
@@ -277,21 +277,10 @@ def run_visor(settings: VisorSettings) -> dict[str, Any]:
         return {}
     save_visor_prompts(prompts, out_dir / "prompts.json")  # what rescoring reads
     save_settings(out_dir, s)
-    gen_file = image_dir / "generation.json"
-    provenance = {
-        "name": s.name,
-        "model": model_record(s.model) if s.model.model else None,
-        "prompts": info,
-        "generation": json.loads(gen_file.read_text()) if gen_file.is_file() else None,
-        "images": str(image_dir),
-        "detector": {"id": str(d.detector), "revision": getattr(detector, "resolved_revision", None),
-                     "template": detector.template, "queries": "prompt", "dtype": d.dtype,
-                     "store_threshold": d.store_threshold},
-        "seeds": {"base_seed": s.generation.seed, "image_seed": "sha256('tokencompose/<seed>/<uid>/<index>')[:8]"},
-        "shards": shard.count,
-        "device": str(shard.device),
-        "settings": SETTINGS_FILE,
-    }  # fmt: skip
+    detector_block = {"id": str(d.detector), "revision": getattr(detector, "resolved_revision", None),
+                      "template": detector.template, "queries": "prompt", "dtype": d.dtype,
+                      "store_threshold": d.store_threshold}  # fmt: skip
+    provenance = detection_provenance(s.name, s.model, info, image_dir, detector_block, s.generation.seed, shard)
     result = visor_result(read_detections(out_dir), prompts, n, d.threshold, d.bootstrap, provenance)
     write_json_atomic(Path(s.output or out_dir / "results.json"), result)
     return result

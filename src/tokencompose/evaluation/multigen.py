@@ -144,14 +144,41 @@ def detect_folder(
     """
     if queries not in QUERY_MODES:
         raise ValueError(f"queries must be one of {QUERY_MODES}, got {queries!r}")
+    vocab = vocabulary(prompts)
+
+    def run(images: list[Any], batch: list[Prompt]) -> list[dict[str, Any]]:
+        return detector.detect(images, [vocab if queries == "vocabulary" else list(p.categories) for p in batch])
+
+    record = detector_record(detector, queries, prompts)
+    return detect_pending(run, record, prompts, image_dir, out_dir, images_per_prompt, batch_size, shard, num_shards,
+                          on_batch)  # fmt: skip
+
+
+def detect_pending(
+    run: Callable[[list[Any], list[Prompt]], list[dict[str, Any]]],
+    record: dict[str, Any],
+    prompts: Sequence[Prompt],
+    image_dir: str | Path,
+    out_dir: str | Path,
+    images_per_prompt: int,
+    batch_size: int = 16,
+    shard: int = 0,
+    num_shards: int = 1,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The resumable, provenance-checked detection loop: ``run(images, prompts)`` on this shard's undetected images.
+
+    ``record`` describes the detector settings (stored in ``detection.json``; another folder's is refused);
+    each stored row carries its digest, the prompt text and the image's fingerprint, and is reused only when
+    all three still match (else :class:`UserError` names the folder and the first differing field). Returns
+    every detection in ``out_dir``. MultiGen and VISOR detect through it.
+    """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = detector_record(detector, queries, prompts)
     check_folder_record(out_dir, DETECTION_FILE, record, "detections")
     settings = digest(record)
     path = detections_path(out_dir, shard, num_shards)
     done = read_detections(out_dir) if any(out_dir.glob("detections*.jsonl")) else {}
-    vocab = vocabulary(prompts)
     jobs = [(p, i) for p in prompts for i in range(images_per_prompt)][shard::num_shards]
     todo = []
     for p, i in jobs:
@@ -168,9 +195,7 @@ def detect_folder(
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
         files = [image_dir / image_name(p.uid, i) for p, i in batch]
-        images = [_load_rgb(f) for f in files]
-        qs = [vocab if queries == "vocabulary" else list(p.categories) for p, _ in batch]
-        dets = detector.detect(images, qs)
+        dets = run([_load_rgb(f) for f in files], [p for p, _ in batch])
         rows = [
             (image_key(p.uid, i), {"settings": settings, "prompt": p.text, "image": image_fingerprint(f), **d})
             for (p, i), f, d in zip(batch, files, dets, strict=True)

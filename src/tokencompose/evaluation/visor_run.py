@@ -18,19 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tokencompose.errors import UserError
-from tokencompose.evaluation.generation import GenerationSettings, image_name
-from tokencompose.evaluation.multigen import DETECTION_FILE, _check_row, _load_rgb, precheck_detections
-from tokencompose.evaluation.prompts import categories
-from tokencompose.evaluation.provenance import check_folder_record, digest, image_fingerprint
+from tokencompose.evaluation.generation import GenerationSettings
+from tokencompose.evaluation.multigen import detect_pending, precheck_detections
+from tokencompose.evaluation.prompts import Prompt, categories
+from tokencompose.evaluation.provenance import digest
 from tokencompose.evaluation.results import (
-    append_detections,
-    detections_path,
     now_iso,
     package_versions,
     read_detections,
     write_json_atomic,
 )
-from tokencompose.evaluation.scoring import image_key
 from tokencompose.evaluation.visor import (
     VisorPrompt,
     load_visor_prompts,
@@ -185,42 +182,19 @@ def detect_visor_folder(
     Each image is asked for its prompt's two objects only (VISOR). Stored rows are reused only when made with
     the same detector settings, for the same prompt text and from the same image (else :class:`UserError`).
     """
-    image_dir, out_dir = Path(image_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(detector, "model", None)
     kind = model.config.model_type if model is not None else str(detector.name)
     record = visor_detection_record(kind, detector.name, detector.template, getattr(detector, "dtype", None),
                                     getattr(detector, "resolved_revision", None), store_threshold)  # fmt: skip
-    check_folder_record(out_dir, DETECTION_FILE, record, "detections")
-    settings = digest(record)
-    done = read_detections(out_dir) if any(out_dir.glob("detections*.jsonl")) else {}
-    jobs = [(v, i) for v in prompts for i in range(images_per_prompt)][shard::num_shards]
-    todo = []
-    for v, i in jobs:
-        key, image = image_key(v.prompt.uid, i), image_dir / image_name(v.prompt.uid, i)
-        if key not in done:
-            todo.append((v, i))
-        else:
-            fingerprint = image_fingerprint(image) if image.is_file() else None
-            _check_row(out_dir, key, done[key], v.prompt, {"settings": settings, "image": fingerprint})
-    missing = [image_name(v.prompt.uid, i) for v, i in todo if not (image_dir / image_name(v.prompt.uid, i)).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} images missing in {image_dir}, e.g. {missing[:3]}; generate them first")
-    path = detections_path(out_dir, shard, num_shards)
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b : b + batch_size]
-        files = [image_dir / image_name(v.prompt.uid, i) for v, i in batch]
-        objects = [list(v.prompt.categories) for v, _ in batch]
-        found = detector.candidates([_load_rgb(f) for f in files], objects)
-        rows = [
-            (image_key(v.prompt.uid, i), {"settings": settings, "prompt": v.prompt.text, "image": image_fingerprint(f),
-                                          **box_detections(logits, boxes, obj, store_threshold)})
-            for (v, i), f, obj, (logits, boxes) in zip(batch, files, objects, found, strict=True)
-        ]  # fmt: skip
-        append_detections(path, rows)
-        if on_batch:
-            on_batch(min(b + batch_size, len(todo)), len(todo))
-    return read_detections(out_dir)
+
+    def run(images: list[Any], batch: list[Prompt]) -> list[dict[str, Any]]:
+        objects = [list(p.categories) for p in batch]
+        found = detector.candidates(images, objects)
+        return [box_detections(logits, boxes, obj, store_threshold) for obj, (logits, boxes) in
+                zip(objects, found, strict=True)]  # fmt: skip
+
+    return detect_pending(run, record, [v.prompt for v in prompts], image_dir, out_dir, images_per_prompt, batch_size,
+                          shard, num_shards, on_batch)  # fmt: skip
 
 
 def visor_result(

@@ -216,6 +216,29 @@ def test_compbench_scores_existing_images_without_model(compbench_run, scorers: 
         cli(bad + ["--vqa-model", str(scorers[0]), "--images-per-prompt", "2", "--device", "cpu"])
 
 
+def test_compbench_two_launched_processes_score_like_one(compbench_run) -> None:
+    """Under torchrun each process answers the questions of every other image; process 0 merges in order."""
+    from train_util import torchrun_cli
+
+    root, argv = compbench_run
+    two = root / "two"
+    torchrun_cli(["evaluate", "compbench", "--images", str(root / "out" / "images"), "--out", str(two),
+                  "--prompt-dir", str(root / "dataset"), *argv[argv.index("--categories") :],
+                  "--images-per-prompt", "2", "--device", "cpu", "--vqa-batch-size", "1"])  # fmt: skip
+    res, one = json.loads((two / "results.json").read_text()), json.loads((root / "out" / "results.json").read_text())
+    assert res["processes"] == 2 and one["processes"] == 1
+    per2, per1 = (
+        json.loads((two / "per_image.json").read_text()),
+        json.loads((root / "out" / "per_image.json").read_text()),
+    )
+    assert set(per2) == set(per1)
+    for cat in per1:
+        assert [(r["image"], r["prompt"]) for r in per2[cat]] == [(r["image"], r["prompt"]) for r in per1[cat]]
+        assert [r["score"] for r in per2[cat]] == pytest.approx([r["score"] for r in per1[cat]], abs=2e-4)
+        assert res["scores"][cat]["mean"] == pytest.approx(one["scores"][cat]["mean"], abs=2e-4)
+    assert not any((two / "parts").iterdir())
+
+
 def test_compbench_refuses_bad_requests(tmp_path: Path) -> None:
     (tmp_path / "color_val.txt").write_text("a red cat\n")
     base = ["compbench", "--prompt-dir", str(tmp_path), "--out", str(tmp_path / "o")]
@@ -249,3 +272,25 @@ def test_clipscore_generates_and_rescores(model_dir: Path, scorers: tuple[Path, 
     res2 = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res2["scores"]["cosine"]["mean"] == pytest.approx(res["scores"]["cosine"]["mean"], abs=1e-6)
     assert res2["scores"]["clip_score"]["mean"] == pytest.approx(res["scores"]["clip_score"]["mean"] * 40, rel=1e-5)
+
+
+def test_clipscore_launched_processes_score_their_shards_like_one(model_dir, scorers, tmp_path, monkeypatch) -> None:
+    """Three launched processes (played in turn) each score every third image; process 0's rows equal one's."""
+    from tokencompose.evaluation.clip_score import ClipScoreSettings, run_clipscore
+    from tokencompose.typed_data import load_settings
+    from train_util import play_launch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na dog on a bench\n")
+    common = {"prompt_file": str(prompts), "clip": {"model": str(scorers[1])}, "generation": {"images_per_prompt": 2}}
+    gen = {"model": {"model": str(model_dir), "device": "cpu"}, "generation": {"steps": 2, "resolution": 64,
+           "images_per_prompt": 2}}  # fmt: skip
+    one = run_clipscore(load_settings(ClipScoreSettings, {**common, **gen, "out": str(tmp_path / "one")}))
+    given = {**common, "images": str(tmp_path / "one" / "images"), "out": str(tmp_path / "three")}
+    results = play_launch(monkeypatch, 3, lambda: run_clipscore(load_settings(ClipScoreSettings, given)))
+    assert results[1] == {} and results[2] == {} and results[0]["processes"] == 3
+    per1 = json.loads((tmp_path / "one" / "per_image.json").read_text())
+    per3 = json.loads((tmp_path / "three" / "per_image.json").read_text())
+    assert [r["image"] for r in per3] == [r["image"] for r in per1] == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    assert [r["cosine"] for r in per3] == pytest.approx([r["cosine"] for r in per1], abs=1e-6)
+    assert results[0]["scores"]["cosine"]["mean"] == pytest.approx(one["scores"]["cosine"]["mean"], abs=1e-6)

@@ -138,6 +138,28 @@ def test_frechet_of_full_rank_features_matches_scipy_sqrtm() -> None:
     assert abs(frechet_oracle(x, x)) < 1e-9 * np.trace(sigma)
 
 
+def test_two_launched_processes_extract_their_shards_and_score_like_one(data: dict[str, Path]) -> None:
+    """Under torchrun each process extracts every other image (reference and generated); process 0 merges."""
+    from train_util import torchrun_cli
+
+    root = data["root"]
+    gen = write_images(root / "gen5", 5, seed=3, sizes=[(64, 64)], tint=0.2)  # odd: the shards differ in size
+    argv = ["--images", str(gen), "--reference", str(data["real"]), "--inception-weights", str(data["weights"]),
+            "--device", "cpu", "--kid-subset-size", "4"]  # fmt: skip
+    one = cli([*argv, "--out", str(root / "one"), "--cache", str(root / "cache1"), "--save-features", str(root / "f1")])
+    torchrun_cli(["evaluate", "fid", *argv, "--out", str(root / "two"), "--cache", str(root / "cache2"),
+                  "--save-features", str(root / "f2")])  # fmt: skip
+    two = json.loads((root / "two" / "results.json").read_text())
+    assert two["extractor"]["processes"] == 2 and one["extractor"]["processes"] == 1
+    assert two["reference"]["cached"] is False and two["counts"] == {"real": 4, "generated": 5}
+    for name in ("real", "generated"):
+        assert (root / "f2" / f"{name}.txt").read_text() == (root / "f1" / f"{name}.txt").read_text()
+        np.testing.assert_allclose(np.load(root / "f2" / f"{name}.npy"), np.load(root / "f1" / f"{name}.npy"),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert two["scores"]["fid"] == pytest.approx(one["scores"]["fid"], rel=1e-5)
+    assert not any((root / "two" / "parts").iterdir())
+
+
 def test_same_set_scores_zero_and_reuses_the_cached_reference(scored: dict, data: dict[str, Path]) -> None:
     root = data["root"]
     argv = ["--out", str(root / "self"), "--images", str(data["real"]), "--reference", str(data["real"])]

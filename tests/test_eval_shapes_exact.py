@@ -325,3 +325,23 @@ def test_manual_shards_score_once_every_image_is_there(base_model, tmp_path):
     assert run_shapes_exact(settings(run={"shard": 1, "num_shards": 2})) == {}  # not process 0: never scores
     result = run_shapes_exact(settings(skip_generation=True))
     assert result["scores"]["attribute"]["num_prompts"] == 1 and result["scores"]["attribute"]["images_per_prompt"] == 2
+
+
+def test_launched_processes_detect_their_shards_and_score_like_one(finished_run, tmp_path, monkeypatch):
+    """Two launched processes (played in turn) detect every other image; process 0's scores equal one's."""
+    import dataclasses
+    import shutil
+
+    from tokencompose.evaluation.shapes_exact_run import run_shapes_exact
+    from train_util import play_launch
+
+    out, settings, result = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    again = dataclasses.replace(settings, out=str(copy), skip_generation=True)
+    results = play_launch(monkeypatch, 2, lambda: run_shapes_exact(again))
+    assert results[1] == {} and results[0]["scores"] == result["scores"]
+    for task in ("spatial", "attribute"):
+        assert json.loads((copy / task / "detections.json").read_text()) == json.loads(
+            (out / task / "detections.json").read_text()
+        )

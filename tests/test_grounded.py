@@ -302,10 +302,8 @@ def test_the_papers_list_keeps_its_phrases_and_layout(tmp_path):
 
 def test_two_launched_processes_shard_and_merge_like_one(tmp_path):
     """Under torchrun / accelerate launch each process takes its rows; process 0 merges after the barrier."""
-    import socket
-
     from tokencompose.data.shapes import make_shapes_dataset
-    from train_util import THREADS_ENV
+    from train_util import torchrun_cli
 
     rendered = make_shapes_dataset(tmp_path / "shapes", 9, seed=5, size=64)
     rows = tmp_path / "rows.jsonl"
@@ -318,13 +316,7 @@ def test_two_launched_processes_shard_and_merge_like_one(tmp_path):
     from tokencompose.cli import main
 
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "tokencompose.cli", *args, "--out", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(cmd, env={**os.environ, **THREADS_ENV}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_cli([*args, "--out", str(tmp_path / "two")])
     prov = [json.loads(x) for x in (tmp_path / "two" / "provenance.jsonl").read_text().splitlines()]
     assert len(prov) == 9
     assert output_bytes(tmp_path / "two") == output_bytes(tmp_path / "one")

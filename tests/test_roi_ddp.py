@@ -9,7 +9,6 @@ number of rows), and a phrase text repeated across processes (masked across the 
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -17,6 +16,7 @@ from torch import nn
 
 from tokencompose.phrase_ids import phrase_text_ids
 from tokencompose.roi import RoiAlignmentHead
+from train_util import free_port
 
 WORLD = 2
 PER_RANK = 2
@@ -113,14 +113,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gather_equals_single_process_global_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     net = _Net()
     for k, batch in enumerate(_scenarios()):

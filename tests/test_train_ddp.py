@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,13 +11,7 @@ import pytest
 import torch
 
 from tokencompose.config import dump_yaml, load_config
-from train_util import THREADS_ENV, config_dict, load_unet_weights, make_base, make_data
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_util import THREADS_ENV, config_dict, free_port, load_unet_weights, make_base, make_data
 
 
 def _losses(run_dir):
@@ -41,7 +34,7 @@ def test_two_process_update_equals_one_process_with_the_global_batch(tmp_path, f
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(dump_yaml(load_config(config_dict(base, data, two_dir), [*common, "train.batch_size=2"])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tokencompose.cli", "train", str(cfg_path)]  # fmt: skip
+           "--master_port", str(free_port()), "-m", "tokencompose.cli", "train", str(cfg_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **THREADS_ENV}, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

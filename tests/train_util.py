@@ -16,6 +16,54 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FakeLaunchState:
+    """Stands in for accelerate's ``PartialState`` when a test plays a launch's processes one after another."""
+
+    def __init__(self, main: bool) -> None:
+        self.is_main_process = main
+
+    def wait_for_everyone(self) -> None:  # the order of play is the barrier: the others first, process 0 last
+        pass
+
+
+def play_launch(monkeypatch: Any, count: int, run: Any) -> list[Any]:
+    """``run()`` as each process of a ``count``-process launch would, in one process: 1, ..., count - 1, then 0.
+
+    ``tokencompose.sharding.resolve_shard`` returns that process's shard (on the CPU); returns every
+    process's return value, in process order.
+    """
+    from tokencompose import sharding
+
+    out: dict[int, Any] = {}
+    for index in [*range(1, count), 0]:
+        shard = sharding.Shard(torch.device("cpu"), index, count, FakeLaunchState(index == 0))
+        monkeypatch.setattr(sharding, "resolve_shard", lambda device, run, s=shard: s)
+        out[index] = run()
+    return [out[k] for k in range(count)]
+
+
+def torchrun_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> None:
+    """``tokencompose <args>`` under ``torchrun --nproc_per_node 2`` on the CPU; asserts it exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "tokencompose.cli", *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **THREADS_ENV}, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def make_base(root: Path, family: str = "sd") -> Path:
     """Tiny random-init model of ``family`` (sd | sdxl) saved in diffusers layout (trained from like a real one)."""
     from tokencompose.families import get_family

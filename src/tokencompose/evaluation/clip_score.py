@@ -25,8 +25,9 @@ Images come from the same resumable, sharded, provenance-checked generation as M
 (:func:`tokencompose.evaluation.run._generate`), one folder per prompt set, ``<uid>_<index>.png``; a prompt
 file of plain text has one prompt a line and prompt id = its 0-based line number among the non-empty lines.
 ``images=DIR`` scores an existing folder of that layout without a model: every image must be there, read
-back whole and, when it records its prompt (ours do), have been made from that prompt's text. Scoring runs
-on process 0 once every shard's images are written.
+back whole and, when it records its prompt (ours do), have been made from that prompt's text. Once every
+shard's images are written, each process of an ``accelerate launch`` scores its shard of them and process 0
+merges the rows in prompt order (:func:`tokencompose.sharding.shard_map`).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def run_clipscore(settings: ClipScoreSettings) -> dict[str, Any]:
     """``tokencompose evaluate clipscore``: images (generated or given) -> CLIP-S and cosine; writes results."""
     from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
     from tokencompose.evaluation.run import SETTINGS_FILE, model_record, save_settings
-    from tokencompose.sharding import resolve_shard
+    from tokencompose.sharding import resolve_shard, shard_map
 
     s = settings
     out = Path(s.out)
@@ -282,12 +283,15 @@ def run_clipscore(settings: ClipScoreSettings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     make_images(s.model, prompts, s.generation, s.run, folder, shard, given=bool(s.images))
     shard.wait()
-    if shard.index != 0:
+    if shard.state is None and shard.index != 0:  # shards picked by hand: shard 0 scores once all are there
         return {}
     n = s.generation.images_per_prompt
     pairs = image_paths(prompts, n, folder)
     scorer = ClipScorer(s.clip, shard.device)
-    cos = torch.tensor(score_clip_pairs(scorer, pairs), dtype=torch.float64)
+    rows = shard_map(shard, pairs, lambda chunk: score_clip_pairs(scorer, chunk), out / "parts", "cosine")
+    if rows is None:  # a launched process other than 0: its rows went to process 0
+        return {}
+    cos = torch.tensor(rows, dtype=torch.float64)
     clip = clip_s(cos, s.weight)
     per_image = [{"image": path.name, "uid": p.uid, "prompt": p.text, "cosine": float(c), "clip_score": float(v)}
                  for (p, path), c, v in zip(pairs, cos, clip, strict=True)]  # fmt: skip
@@ -307,6 +311,7 @@ def run_clipscore(settings: ClipScoreSettings) -> dict[str, Any]:
         "scores": {"clip_score": summary(clip.tolist()), "cosine": summary(cos.tolist())},
         "per_image": "per_image.json",
         "device": str(shard.device),
+        "processes": shard.count if shard.state is not None else 1,
         "settings": SETTINGS_FILE,
         "environment": package_versions(),
         "created": now_iso(),

@@ -293,7 +293,7 @@ def run_compbench(settings: CompBenchSettings) -> dict[str, Any]:
     from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
     from tokencompose.evaluation.run import SETTINGS_FILE, model_record, save_settings
     from tokencompose.loading import release_memory
-    from tokencompose.sharding import resolve_shard
+    from tokencompose.sharding import resolve_shard, shard_map
 
     s = settings
     sets = compbench_prompts(s)
@@ -307,13 +307,14 @@ def run_compbench(settings: CompBenchSettings) -> dict[str, Any]:
         log.info("T2I-CompBench %s: %d prompts", cat, len(prompts))
         make_images(s.model, prompts, s.generation, s.run, root / cat, shard, given=bool(s.images))
     shard.wait()
-    if shard.index != 0:
+    if shard.state is None and shard.index != 0:  # shards picked by hand: shard 0 scores once all are there
         return {}
     n = s.generation.images_per_prompt
     pairs = {cat: image_paths(prompts, n, root / cat) for cat, (prompts, _) in sets.items()}
     per_image: dict[str, list[dict[str, Any]]] = {}
     scores: dict[str, dict[str, Any]] = {}
     scorers: dict[str, Any] = {}
+    parts = out / "parts"
     if attribute:
         vqa = BlipVqaScorer(s.vqa, shard.device)
         scorers["blip_vqa"] = {**vqa.record(), "max_phrases": s.vqa.max_phrases, "decimals": s.vqa.decimals,
@@ -322,15 +323,19 @@ def run_compbench(settings: CompBenchSettings) -> dict[str, Any]:
             prompts = sets[cat][0]
             asked = prompt_questions([p.text for p in prompts], nlp, s.vqa.max_phrases)
             questions = {p.uid: q for p, q in zip(prompts, asked, strict=True)}
-            per_image[cat] = score_attribute(vqa, pairs[cat], questions, s.vqa.decimals)
+            per_image[cat] = shard_map(shard, pairs[cat], lambda chunk, q=questions: score_attribute(
+                vqa, chunk, q, s.vqa.decimals), parts, cat)  # fmt: skip
         del vqa
         release_memory()
     for cat in (c for c in sets if c in CLIP_CATEGORIES):
         clip = ClipScorer(s.clip, shard.device)
         scorers["clip"] = clip.record()
-        cos = score_clip_pairs(clip, pairs[cat])
-        per_image[cat] = [{"image": path.name, "uid": p.uid, "prompt": p.text, "score": c}
-                          for (p, path), c in zip(pairs[cat], cos, strict=True)]  # fmt: skip
+        cos = shard_map(shard, pairs[cat], lambda chunk, c=clip: score_clip_pairs(c, chunk), parts, cat)
+        if cos is not None:
+            per_image[cat] = [{"image": path.name, "uid": p.uid, "prompt": p.text, "score": c}
+                              for (p, path), c in zip(pairs[cat], cos, strict=True)]  # fmt: skip
+    if not shard.main:  # a launched process other than 0: its rows went to process 0
+        return {}
     for cat in sets:
         scores[cat] = {**summary([r["score"] for r in per_image[cat]]), "num_prompts": len(sets[cat][0])}
     write_json_atomic(out / "per_image.json", per_image)
@@ -348,6 +353,7 @@ def run_compbench(settings: CompBenchSettings) -> dict[str, Any]:
         "scores": scores,
         "per_image": "per_image.json",
         "device": str(shard.device),
+        "processes": shard.count if shard.state is not None else 1,
         "settings": SETTINGS_FILE,
         "environment": package_versions(),
         "created": now_iso(),

@@ -40,7 +40,7 @@ from tokencompose.evaluation import fid_features as ff
 from tokencompose.evaluation.generation import GenerationSettings, image_name
 from tokencompose.evaluation.prompts import Prompt
 from tokencompose.loading import ModelSettings
-from tokencompose.sharding import ShardSettings
+from tokencompose.sharding import Shard, ShardSettings
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,21 @@ def reference_files(folder: str | Path, captions: list[Caption] | None) -> list[
     return files
 
 
-def reference_statistics(
-    files: list[Path], extractor: Any, s: FidSettings, weights_sha256: str
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Features and statistics of the reference images, from the cache or computed once and cached."""
-    from tokencompose.sharding import progress_bar
+def features_of(files: list[Path], extractor: Any, s: FidSettings, shard: Shard, name: str) -> np.ndarray | None:
+    """``[N, D]`` features of ``files`` in order, split over a launch's processes (None on processes other than 0)."""
+    from tokencompose.sharding import progress_bar, shard_map
 
+    def work(part: list[Path]) -> np.ndarray:
+        return ff.extract_features(extractor, part, s.resize, s.batch_size, progress_bar(name, "image"))
+
+    return shard_map(shard, files, work, Path(s.out) / "parts", name)
+
+
+def reference_statistics(
+    files: list[Path], extractor: Any, s: FidSettings, weights_sha256: str, shard: Shard
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """Features and statistics of the reference images, from the cache or computed once (over every process)
+    and cached by process 0; ``(None, info)`` on the other processes when computed."""
     digest = ff.images_digest(files)
     key = ff.reference_key(digest, weights_sha256, str(s.feature_layer), s.resize)
     cache = Path(s.cache or default_cache())
@@ -227,7 +236,9 @@ def reference_statistics(
     if stored is not None and len(stored["features"]) == len(files):
         log.info("reference statistics from the cache: %s", info["cache"])
         return stored, {**info, "cached": True}
-    features = ff.extract_features(extractor, files, s.resize, s.batch_size, progress_bar("reference", "image"))
+    features = features_of(files, extractor, s, shard, "reference")
+    if features is None:
+        return None, info
     record = {**info, "weights_sha256": weights_sha256, "feature_layer": s.feature_layer, "resize": s.resize,
               "library": ff.LIBRARY, "version": ff.library_version(), "files": [f.name for f in files]}  # fmt: skip
     return ff.save_reference(cache, key, features, record), {**info, "cached": False}
@@ -249,12 +260,13 @@ def _save_features(folder: Path, real: np.ndarray, generated: np.ndarray, real_f
 def run_fid(settings: FidSettings) -> dict[str, Any]:
     """Sample captions, generate (or take ``images``), extract features, score; returns (and writes) the results.
 
-    Under ``accelerate launch`` every process generates its shard; process 0 scores and returns the results
-    (the others return ``{}``).
+    Under ``accelerate launch`` every process generates its shard of the images and extracts the features of
+    its shard of the reference and generated images; process 0 merges them in file order, scores and returns
+    the results (the others return ``{}``). Shards picked by hand (``--shard``) only generate; shard 0 scores.
     """
     from tokencompose.evaluation.results import now_iso, package_versions
     from tokencompose.evaluation.run import SETTINGS_FILE, _generate, model_record, save_settings
-    from tokencompose.sharding import progress_bar, resolve_shard
+    from tokencompose.sharding import resolve_shard
 
     s = settings
     if not s.out:
@@ -284,7 +296,7 @@ def run_fid(settings: FidSettings) -> dict[str, Any]:
         prompts = [Prompt(uid=c.uid, categories=(), text=c.text) for c in captions]
         _generate(s.model, prompts, s.generation, s.run, image_dir, shard)
         shard.wait()
-        if shard.index != 0:
+        if shard.state is None and shard.index != 0:
             return {}
         n = s.generation.images_per_prompt
         gen_files = sorted((image_dir / image_name(p.uid, i) for p in prompts for i in range(n)), key=lambda p: p.name)
@@ -292,17 +304,19 @@ def run_fid(settings: FidSettings) -> dict[str, Any]:
         if missing:
             raise UserError(f"{len(missing)} generated images missing in {image_dir}, e.g. {missing[:3]}")
     else:
-        if shard.index != 0:
+        if shard.state is None and shard.index != 0:
             return {}
         gen_files = ff.list_images(image_dir)
+    weights_sha256 = ff.file_sha256(s.inception_weights)
+    extractor = ff.load_extractor(s.inception_weights, str(s.feature_layer), shard.device)
+    real, ref_info = reference_statistics(ref_files, extractor, s, weights_sha256, shard)
+    generated = features_of(gen_files, extractor, s, shard, "generated")
+    if real is None or generated is None or not shard.main:
+        return {}
     if captions is not None:
         rows = [{"uid": c.uid, "caption": c.text, "image": c.image} for c in captions]
         write_json_atomic(out / CAPTIONS_FILE, rows)
         captions_info = {**(captions_info or {}), "saved": CAPTIONS_FILE}
-    weights_sha256 = ff.file_sha256(s.inception_weights)
-    extractor = ff.load_extractor(s.inception_weights, str(s.feature_layer), shard.device)
-    real, ref_info = reference_statistics(ref_files, extractor, s, weights_sha256)
-    generated = ff.extract_features(extractor, gen_files, s.resize, s.batch_size, progress_bar("generated", "image"))
     if min(len(generated), len(real["features"])) <= s.feature_layer:
         log.warning("fewer images than feature dimensions (%d): the covariance is singular and FID biased high; "
                     "the paper's sets have 10,000 images", s.feature_layer)  # fmt: skip
@@ -332,6 +346,7 @@ def run_fid(settings: FidSettings) -> dict[str, Any]:
             "feature_layer": s.feature_layer,
             "resize": s.resize,
             "device": str(shard.device),
+            "processes": shard.count if shard.state is not None else 1,
         },
         "kid": kid,
         "scores": scores,

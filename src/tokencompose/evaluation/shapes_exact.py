@@ -250,31 +250,31 @@ def score_attribute(
     }
 
 
-def detect_images(folder: str | Path, prompts: Sequence[Prompt], images_per_prompt: int) -> dict[str, list[dict]]:
-    """Exact-detector regions of every ``<uid>_<index>.png`` of ``prompts`` in ``folder``.
+def detect_image(path: Path) -> list[dict]:
+    """Exact-detector regions of one image: ``[{"category", "score", "box": [x0, y0, x1, y1], "area"}, ...]``.
 
-    Returns ``{"<uid>_<index>": [{"category", "score", "box": [x0, y0, x1, y1], "area"}, ...]}``; a missing or
-    unreadable image is a :class:`UserError` naming it.
+    A missing or unreadable image is a :class:`UserError` naming it.
     """
     from PIL import Image
 
     from tokencompose.data.shapes import detect_shapes
 
+    if not path.is_file():
+        raise UserError(f"image {path} is missing: generate it first (run without --skip-generation)")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"image {path} cannot be read ({err}): delete it and generate it again") from err
+    _, regions = detect_shapes(rgb, return_regions=True)
+    return [{**r, "box": [float(v) for v in r["box"]]} for r in regions]
+
+
+def detect_images(folder: str | Path, prompts: Sequence[Prompt], images_per_prompt: int) -> dict[str, list[dict]]:
+    """:func:`detect_image` of every ``<uid>_<index>.png`` of ``prompts`` in ``folder``, keyed ``"<uid>_<index>"``."""
     folder = Path(folder)
-    out: dict[str, list[dict]] = {}
-    for p in prompts:
-        for i in range(images_per_prompt):
-            path = folder / image_name(p.uid, i)
-            if not path.is_file():
-                raise UserError(f"image {path} is missing: generate it first (run without --skip-generation)")
-            try:
-                with Image.open(path) as im:
-                    rgb = im.convert("RGB")
-            except (OSError, SyntaxError, ValueError) as err:
-                raise UserError(f"image {path} cannot be read ({err}): delete it and generate it again") from err
-            _, regions = detect_shapes(rgb, return_regions=True)
-            out[image_key(p.uid, i)] = [{**r, "box": [float(v) for v in r["box"]]} for r in regions]
-    return out
+    return {image_key(p.uid, i): detect_image(folder / image_name(p.uid, i))
+            for p in prompts for i in range(images_per_prompt)}  # fmt: skip
 
 
 def score_detections(

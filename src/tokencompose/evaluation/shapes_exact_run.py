@@ -19,7 +19,8 @@ from typing import Any
 
 from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import GenerationSettings, image_name
-from tokencompose.evaluation.shapes_exact import TASKS, detect_images, score_detections, task_prompts
+from tokencompose.evaluation.scoring import image_key
+from tokencompose.evaluation.shapes_exact import TASKS, detect_image, score_detections, task_prompts
 from tokencompose.loading import ModelSettings
 from tokencompose.sharding import ShardSettings
 
@@ -101,14 +102,14 @@ def _model(s: ShapesExactSettings) -> ModelSettings:
 def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
     """Generate (this process's shard of) each task's images, then score them; returns (and writes) the results.
 
-    Under ``accelerate launch`` every process generates its shard and process 0 detects and scores (the exact
-    detector takes milliseconds an image); other processes return ``{}``.
+    Under ``accelerate launch`` every process generates and detects its shard, process 0 merges the detections
+    and scores them; other processes return ``{}``.
     """
     from tokencompose.evaluation.multigen import prompts_digest
     from tokencompose.evaluation.prompts import save_prompts
     from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
     from tokencompose.evaluation.run import SETTINGS_FILE, _generate, model_record, save_settings
-    from tokencompose.sharding import resolve_shard
+    from tokencompose.sharding import resolve_shard, shard_map
 
     s = settings
     _check(s)
@@ -122,7 +123,7 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
             log.info("%s: %d prompts x %d images", task, len(prompts), n)
             _generate(model, prompts, s.generation, s.run, out / task, shard)
     shard.wait()
-    if shard.index != 0:
+    if shard.state is None and shard.index != 0:  # shards picked by hand: shard 0 scores once all are there
         return {}
     missing = sum(
         not (out / t / image_name(p.uid, i)).is_file() for t, ps in sets.items() for p in ps for i in range(n)
@@ -134,7 +135,12 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
     scores, prompt_info, generation = {}, {}, {}
     for task, prompts in sets.items():
         folder = out / task
-        detections = detect_images(folder, prompts, n)
+        jobs = [(p.uid, i) for p in prompts for i in range(n)]
+        regions = shard_map(shard, jobs, lambda part, f=folder: [detect_image(f / image_name(*j)) for j in part],
+                            out / "parts", task)  # fmt: skip
+        if regions is None:  # a launched process other than 0: its detections went to process 0
+            continue
+        detections = {image_key(*j): r for j, r in zip(jobs, regions, strict=True)}
         save_prompts(prompts, folder / "prompts.json")
         write_json_atomic(folder / "detections.json", detections)  # per-image regions: what the scores read
         scores[task] = score_detections(task, detections, prompts, n, s.threshold)
@@ -142,6 +148,8 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
                              "sha256": prompts_digest(prompts)}  # fmt: skip
         gen_file = folder / "generation.json"
         generation[task] = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    if not shard.main:
+        return {}
     used = model or (s.model if s.model.model else None)
     result = {
         "kind": "shapes_exact",

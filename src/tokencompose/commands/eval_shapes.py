@@ -12,7 +12,7 @@ import argparse
 from tokencompose.commands.generate import add_generation_options
 from tokencompose.commands.options import add_model_options, add_settings_arguments, option
 
-HELP = "shapes world, exact: VISOR spatial scores and colour binding, no learned detector"
+HELP = "shapes world, exact: VISOR spatial scores, colour binding and the error taxonomy, no learned detector"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     option(p, "--name", key="name", help="label of this model in comparison tables")
     option(p, "--num-prompts", key="num_prompts", help="prompts per task (40)")
     option(p, "--prompt-seed", key="prompt_seed", help="seed of the prompt sampler (0)")
-    option(p, "--tasks", key="tasks", help="comma-separated: spatial,attribute (both)")
+    option(p, "--tasks", key="tasks", help="comma-separated: spatial,attribute,objects (default spatial,attribute)")
     option(p, "--threshold", key="threshold", help="a region counts when its score is above this (0.1)")
     option(p, "--skip-generation", key="skip_generation", action="store_true", help="score the images present")
     add_model_options(p)

@@ -31,6 +31,9 @@ and its shape is there in the colour of another phrase of the prompt (the attrib
 object). Rates over phrases: ``phrase_accuracy``, ``wrong_color_rate``, ``missing_rate`` (they sum to 1);
 over images: ``swap_rate``.
 
+**Objects** (the error taxonomy of multi-object prompts: correct / wrong shape / wrong colour / merged /
+missing per asked object, per K) lives in :mod:`tokencompose.evaluation.shapes_errors`.
+
 Scoring is pure given detections (``{"<uid>_<index>": [region, ...]}``, regions as ``detect_shapes`` returns
 them); :func:`score_folder` detects a folder of generated images first, :func:`run_shapes_exact` (in
 :mod:`tokencompose.evaluation.shapes_exact_run`) generates them with a model.
@@ -52,7 +55,7 @@ from tokencompose.evaluation.scoring import image_key
 from tokencompose.evaluation.visor import RELATIONS, centroid, relation_holds
 from tokencompose.evaluation.visor import visor_text as spatial_text
 
-TASKS = ("spatial", "attribute")
+TASKS = ("spatial", "attribute", "objects")  # objects: the error taxonomy (shapes_errors)
 Box = Sequence[float]
 Region = Mapping[str, Any]
 
@@ -68,7 +71,7 @@ def relation_of(prompt: Prompt) -> str:
     return found[0]
 
 
-def _split_category(category: str) -> tuple[str, str]:
+def split_category(category: str) -> tuple[str, str]:
     color, _, shape = category.partition(" ")
     if not shape:
         raise ValueError(f"{category!r} is not a '<colour> <shape>' category")
@@ -105,7 +108,7 @@ def attribute_prompts(num_prompts: int, seed: int = 0, categories: Sequence[str]
     from tokencompose.data.shapes import categories as shapes_categories
 
     cats = list(dict.fromkeys(categories or shapes_categories()))
-    parts = [_split_category(c) for c in cats]
+    parts = [split_category(c) for c in cats]
     rng = np.random.default_rng(seed)
     prompts = []
     for uid in range(num_prompts):
@@ -120,11 +123,15 @@ def attribute_prompts(num_prompts: int, seed: int = 0, categories: Sequence[str]
 
 
 def task_prompts(task: str, num_prompts: int, seed: int = 0) -> list[Prompt]:
-    """The prompt set of one task (``spatial`` | ``attribute``) over the default shapes world."""
+    """The prompt set of one task (``spatial`` | ``attribute`` | ``objects``) over the default shapes world."""
     if task == "spatial":
         return spatial_prompts(num_prompts, seed)
     if task == "attribute":
         return attribute_prompts(num_prompts, seed)
+    if task == "objects":
+        from tokencompose.evaluation.shapes_errors import object_prompts
+
+        return object_prompts(num_prompts, seed)
     raise UserError(f"unknown shapes task {task!r}: use {' or '.join(TASKS)}")
 
 
@@ -205,8 +212,8 @@ def attribute_verdict(regions: Sequence[Region], phrases: Sequence[str], thresho
     its shape is there in another colour) or ``missing`` (its shape is in no colour). ``swapped``: some
     phrase's object is absent and its shape is there in another phrase's colour.
     """
-    found = {_split_category(r["category"]) for r in _kept(regions, threshold)}
-    wanted = [_split_category(p) for p in phrases]
+    found = {split_category(r["category"]) for r in _kept(regions, threshold)}
+    wanted = [split_category(p) for p in phrases]
     statuses, swapped = [], False
     for color, shape in wanted:
         if (color, shape) in found:
@@ -280,11 +287,15 @@ def detect_images(folder: str | Path, prompts: Sequence[Prompt], images_per_prom
 def score_detections(
     task: str, detections: Mapping[str, Sequence[Region]], prompts: Sequence[Prompt], n: int, threshold: float = 0.1
 ) -> dict[str, Any]:
-    """:func:`score_spatial` or :func:`score_attribute`, by ``task``."""
+    """:func:`score_spatial`, :func:`score_attribute` or the error taxonomy (``objects``), by ``task``."""
     if task == "spatial":
         return score_spatial(detections, prompts, n, threshold)
     if task == "attribute":
         return score_attribute(detections, prompts, n, threshold)
+    if task == "objects":
+        from tokencompose.evaluation.shapes_errors import score_objects
+
+        return score_objects(detections, prompts, n, threshold)
     raise UserError(f"unknown shapes task {task!r}: use {' or '.join(TASKS)}")
 
 

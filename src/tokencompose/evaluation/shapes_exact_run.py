@@ -26,6 +26,8 @@ from tokencompose.sharding import ShardSettings
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TASKS = ("spatial", "attribute")  # what the demo and the suite report; ``objects`` on request
+
 
 _Scheduler = typing.get_type_hints(GenerationSettings)["scheduler"]  # the same choices, another default
 
@@ -64,8 +66,9 @@ class ShapesExactSettings:
     """Prompts per task."""
     prompt_seed: int = 0
     """Seed of the prompt sampler (the image seeds come from ``generation.seed``)."""
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Which scores: ``spatial`` (VISOR) and/or ``attribute`` (colour binding)."""
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    """Which scores: ``spatial`` (VISOR), ``attribute`` (colour binding), ``objects`` (the error taxonomy of
+    1..4-object prompts: what each asked object became)."""
     threshold: float = 0.1
     """A region counts when its exact-detector score is strictly above this (VISOR's 0.1)."""
     skip_generation: bool = False
@@ -184,4 +187,9 @@ def summary_line(result: dict[str, Any], path: str) -> str:
                      f"VISOR_cond {f(sp['visor_cond'], '.2f')}")  # fmt: skip
     if at:
         parts.append(f"attribute binding {f(at['binding_score'], '.4f')}, swap rate {f(at['swap_rate'], '.4f')}")
+    ob = result["scores"].get("objects")
+    if ob:
+        multi = ob["multi"] or {}
+        parts.append(f"single object {f(ob['single_object_accuracy'], '.1f')}%, multi-object failures mostly "
+                     f"{multi.get('dominant_failure') or 'n/a'}")  # fmt: skip
     return " ".join(parts)

@@ -11,6 +11,7 @@ from tokencompose.evaluation.grounding import (
     auroc,
     evaluate_grounding,
     iou_sweep,
+    phrase_correlation,
     phrase_score_maps,
     summarize,
     valid_phrases,
@@ -79,6 +80,25 @@ def test_valid_phrases_and_summary() -> None:
     assert s["miou"] == pytest.approx([0.3, 0.7]) and s["best_threshold"] == 0.6 and s["auroc"] == 0.5
 
 
+def test_phrase_correlation_is_pearson_over_valid_pairs_of_one_image() -> None:
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 3, 16, generator=g)
+    scores[0, 1] = 2 * scores[0, 0] + 1  # the same map, rescaled: correlation 1
+    scores[1, 2] = -scores[1, 0]  # inverted: -1
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    corr = phrase_correlation(scores, valid)
+    # Pairs in order: image 0 (0, 1); image 1 (0, 1), (0, 2), (1, 2). Phrase 2 of image 0 is not valid.
+    want = [np.corrcoef(scores[b, i].numpy(), scores[b, j].numpy())[0, 1]
+            for b, i, j in [(0, 0, 1), (1, 0, 1), (1, 0, 2), (1, 1, 2)]]  # fmt: skip
+    assert corr.tolist() == pytest.approx(want, abs=1e-6)
+    assert corr[0] == pytest.approx(1.0) and corr[2] == pytest.approx(-1.0)
+    assert phrase_correlation(scores, torch.tensor([[True, False, False], [False, False, True]])).numel() == 0
+    s = summarize(torch.ones(1, 2), torch.ones(2), [0.5], corr)
+    assert s["map_correlation"] == pytest.approx(float(np.mean(want)), abs=1e-6) and s["num_pairs"] == 4
+
+
 @pytest.fixture(scope="module")
 def shapes_loader_parts(tmp_path_factory: pytest.TempPathFactory):
     from tokencompose.data.dataset import TokenDataset
@@ -104,6 +124,7 @@ def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
     assert r2["num_images"] == 3 and r2["num_phrases"] > 0
     assert set(r2["per_timestep"]) == {"100", "500"}
     assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0
+    assert r2["num_pairs"] > 0 and -1.0 <= r2["map_correlation"] <= 1.0
     # Per-sample seeded noise: the batch size does not change the scores. mIoU thresholds the maps, so
     # batch-size-dependent float rounding may move a pixel across a threshold (seen: 6e-5 with torch 2.8);
     # noise that depended on the batch would move it far more.

@@ -5,7 +5,8 @@ noise its latent at chosen timesteps, run the UNet once per timestep while captu
 aggregate each phrase's attention (the shared phrase map of ``tokencompose.maps``: mean over heads and
 layers of a resolution, sum over the phrase's tokens; then bilinear upsampling to the evaluation size,
 mean over resolutions), normalise it to [0, 1] per phrase, and score it against the phrase mask: mean
-IoU over a threshold sweep and AUROC.
+IoU over a threshold sweep and AUROC; and how alike the phrases' maps of one image are (mean Pearson
+correlation over phrase pairs, ``map_correlation``: near 1, every token lights the same region).
 
 The pure functions take tensors; :func:`evaluate_grounding` runs the model. Shapes: ``B`` batch,
 ``P`` phrases, ``T`` tokens per phrase, ``H`` heads, ``N = h*w`` positions, ``L`` text tokens.
@@ -88,16 +89,34 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return u / (n_pos * n_neg)  # 0/0 -> NaN for one-class rows
 
 
+def phrase_correlation(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of the maps of every pair of valid phrases of the same image: ``[M]`` over the pairs.
+
+    ``scores`` ``[B, P, N]``, ``valid`` bool ``[B, P]``. How much a model's token maps differ: near 1 every
+    phrase lights the same region (the map says nothing about which object is where), near 0 or below they
+    are distinct. A constant map has correlation 0 with every other.
+    """
+    z = scores.float() - scores.float().mean(dim=-1, keepdim=True)
+    z = z / z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    corr = z @ z.transpose(1, 2)  # [B, P, P]
+    p = scores.shape[1]
+    upper = torch.ones(p, p, dtype=torch.bool, device=scores.device).triu(diagonal=1)
+    return corr[valid[:, :, None] & valid[:, None, :] & upper]
+
+
 def valid_phrases(token_valid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Phrases that can be scored: ``[B, P]`` -- has tokens, mask neither empty nor everything."""
     area = masks.sum(-1)
     return token_valid.any(-1) & (area > 0) & (area < masks.shape[-1])
 
 
-def summarize(ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float]) -> dict[str, Any]:
-    """``ious [Tn, M]``, ``aucs [M]`` -> mean IoU per threshold, best, mean AUROC, phrase count."""
+def summarize(
+    ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float], corr: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """``ious [Tn, M]``, ``aucs [M]`` (, ``corr [pairs]``) -> mean IoU per threshold, best, mean AUROC, phrase
+    count (, mean correlation between phrases' maps and the number of pairs; None without pairs)."""
     miou = ious.mean(dim=1) if ious.shape[1] else torch.full((len(thresholds),), float("nan"))
-    return {
+    out = {
         "thresholds": list(thresholds),
         "miou": [round(float(v), 6) for v in miou],
         "best_miou": round(float(miou.max()), 6),
@@ -105,6 +124,10 @@ def summarize(ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float
         "auroc": round(float(aucs.nanmean()), 6),
         "num_phrases": int(ious.shape[1]),
     }
+    if corr is not None:
+        out["map_correlation"] = round(float(corr.mean()), 6) if corr.numel() else None
+        out["num_pairs"] = int(corr.numel())
+    return out
 
 
 def evaluate_grounding(
@@ -158,6 +181,7 @@ def evaluate_grounding_groups(
     keys = [str(t) for t in timesteps] + ["mean"]
     ious: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     aucs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
+    corrs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     sizes: dict[str, Size] = {}
     images = 0
     with AttentionCapture(unet, layers=captured, normalize=normalize) as cap:
@@ -191,12 +215,13 @@ def evaluate_grounding_groups(
                     pm = (pm - lo) / (hi - lo).clamp(min=1e-12)
                     ious[g][key].append(iou_sweep(pm, masks, valid, thresholds))
                     aucs[g][key].append(auroc(pm[valid], masks[valid]))
+                    corrs[g][key].append(phrase_correlation(pm, valid))
             images += latents.shape[0]
     results = {}
     for g in groups:
         out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
         for key in keys:
-            s = summarize(torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds)
+            s = summarize(torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds, torch.cat(corrs[g][key]))
             if key == "mean":
                 out.update(s)
             else:

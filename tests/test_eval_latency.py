@@ -51,3 +51,17 @@ def test_run_latency_on_a_tiny_model(tmp_path, model_dir):
     assert stored["generation"]["resolution"] == result["generation"]["resolution"] > 0  # the native size, recorded
     with pytest.raises(UserError, match="repeats"):
         run_latency(LatencySettings(out=str(tmp_path / "x"), model=ModelSettings(model=str(model_dir)), repeats=0))
+
+
+def test_under_a_launch_only_process_0_times(tmp_path, model_dir, monkeypatch):
+    """Processes timing side by side would measure each other: the others wait, loading nothing."""
+    from tokencompose.evaluation import latency
+    from train_util import play_launch
+
+    loads = []
+    real_load = latency.load_pipeline
+    monkeypatch.setattr(latency, "load_pipeline", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    s = LatencySettings(out=str(tmp_path / "lat"), model=ModelSettings(model=str(model_dir), device="cpu"),
+                        generation=GenerationSettings(steps=2, scheduler="ddim"), repeats=1, warmup=0)  # fmt: skip
+    results = play_launch(monkeypatch, 2, lambda: run_latency(s))
+    assert results[1] == {} and results[0]["kind"] == "latency" and len(loads) == 1

@@ -23,7 +23,7 @@ import torch
 
 from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import GenerationSettings, sample
-from tokencompose.loading import ModelSettings, load_pipeline, release_memory, resolve_device
+from tokencompose.loading import ModelSettings, load_pipeline, release_memory
 from tokencompose.typed_data import to_dict
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ def latency_summary(times: list[float]) -> dict[str, Any]:
 
 def run_latency(settings: LatencySettings) -> dict[str, Any]:
     """Load the pipeline, time it, write ``OUT/results.json`` (``kind: latency``) and return the result."""
-    from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
-    from tokencompose.evaluation.run import model_record
-    from tokencompose.families import denoiser_of, family_of_pipeline, resolve_family
+    from tokencompose.sharding import ShardSettings, resolve_shard
 
     s = settings
     if not s.out:
@@ -98,7 +96,23 @@ def run_latency(settings: LatencySettings) -> dict[str, Any]:
         raise UserError("no model given: pass --model (a diffusers folder or hub id)")
     if s.repeats < 1 or s.warmup < 0:
         raise UserError(f"repeats must be >= 1 and warmup >= 0 (got {s.repeats}, {s.warmup})")
-    device = resolve_device(s.model.device)
+    # Under accelerate launch only process 0 times, on its own device, while the others wait at the barrier:
+    # processes timing side by side on shared hardware would measure each other.
+    shard = resolve_shard(s.model.device, ShardSettings())
+    if not shard.main:
+        shard.wait()
+        return {}
+    try:
+        return _time_and_write(s, shard.device)
+    finally:
+        shard.wait()
+
+
+def _time_and_write(s: LatencySettings, device: torch.device) -> dict[str, Any]:
+    from tokencompose.evaluation.results import now_iso, package_versions, write_json_atomic
+    from tokencompose.evaluation.run import model_record
+    from tokencompose.families import denoiser_of, family_of_pipeline, resolve_family
+
     generation = s.generation
     if generation.scheduler == "auto":
         generation = dataclasses.replace(generation, scheduler=resolve_family(s.model.family, s.model.model).sampler)

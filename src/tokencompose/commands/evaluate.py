@@ -116,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "grounding":
         grounding = settings_from_args(GroundingSettings, args)
         s = R.run_grounding(grounding)["scores"]
+        corr = "n/a" if s.get("map_correlation") is None else f"{s['map_correlation']:.3f}"
         print(f"{grounding.out}/results.json: best mIoU {s['best_miou']:.4f} (thr {s['best_threshold']:g}), "
-              f"AUROC {s['auroc']:.4f}")  # fmt: skip
+              f"AUROC {s['auroc']:.4f}, correlation between phrases' maps {corr}")  # fmt: skip
         return 0
     settings = settings_from_args(MultiGenSettings, args)
     if args.rescore:

@@ -149,6 +149,7 @@ def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 thresholds=r["scores"]["thresholds"],
                 best_miou=max(r["scores"]["miou"]),
                 auroc=r["scores"]["auroc"],
+                map_correlation=r["scores"].get("map_correlation"),  # absent from results before 2026-12-03
                 timesteps=r["scores"].get("timesteps"),
             )
         elif r.get("kind") == "suite":
@@ -180,10 +181,11 @@ def markdown_table(table: Mapping[str, Any]) -> str:
     if gr:
         if lines:
             lines.append("")
-        head = ["model", "best mIoU", "AUROC", "timesteps"]
+        head = ["model", "best mIoU", "AUROC", "map correlation", "timesteps"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in gr:
-            lines.append(f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {r['timesteps']} |")
+            corr = "-" if r.get("map_correlation") is None else f"{r['map_correlation']:.3f}"
+            lines.append(f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {corr} | {r['timesteps']} |")
     for preset in dict.fromkeys(r["preset"] for r in table["rows"] if r["kind"] == "suite"):
         from tokencompose.evaluation.suite import suite_markdown  # lazy: the suite imports every metric
 

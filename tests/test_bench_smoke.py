@@ -136,3 +136,17 @@ def test_generation_bench_tiny(tmp_path):
 
     row = json.loads(out.read_text())
     assert row["images"] == 2 and row["paper_loop_images_per_s"] > 0 and row["ours_images_per_s"] > 0
+
+
+def test_base_card_script_tiny(tmp_path):
+    """bench/base_card.py (the shapes base card's failure numbers) runs end to end on a tiny random model."""
+    import json
+
+    out = tmp_path / "card"
+    proc = subprocess.run([sys.executable, str(BENCH / "base_card.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "issue #20's criteria" in proc.stdout and "| 4 | 1 |" in proc.stdout
+    card = json.loads((out / "card.json").read_text())
+    assert set(card["objects"]["by_k"]) == {"1", "2", "3", "4"} and card["grounding"]["num_pairs"] > 0
+    assert card["attention_sizes"][0] == 8  # the tiny UNet's latent side

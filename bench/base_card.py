@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=120, help="prompts over K = 1..4 (120: 30 per K)")
     parser.add_argument("--images", type=int, default=4, help="images per prompt")
     parser.add_argument("--scenes", type=int, default=64, help="held-out scenes of the grounding metric")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, 4 prompts, 2 steps (smoke)")
     args = parser.parse_args()
 
@@ -67,16 +68,16 @@ def main() -> None:
     start = time.perf_counter()
     shapes = run_shapes_exact(load_settings(ShapesExactSettings, {
         "out": str(out / "objects"), "tasks": ["objects"], "num_prompts": args.prompts,
-        "model": {"model": model, "device": "cpu"},
+        "model": {"model": model, "device": args.device},
         "generation": {"steps": steps, "images_per_prompt": args.images}}))  # fmt: skip
     grounding = run_grounding(load_settings(GroundingSettings, {
         "out": str(out / "grounding"), "shapes": args.scenes, "timesteps": [200, 500],
-        "model": {"model": model, "device": "cpu"}}))  # fmt: skip
+        "model": {"model": model, "device": args.device}}))  # fmt: skip
     seconds = time.perf_counter() - start
     objects, gr = shapes["scores"]["objects"], grounding["scores"]
     sizes = attention_sizes(model)
 
-    print(f"model: {model}; UNet block resolutions {' / '.join(f'{s}x{s}' for s in sizes)}; {seconds:.0f} s on CPU\n")
+    print(f"model: {model}; UNet block resolutions {' / '.join(f'{s}x{s}' for s in sizes)}; {seconds:.0f} s\n")
     print("| K | images | all objects right | " + " | ".join(o.replace("_", " ") for o in OUTCOMES)
           + " | failures missing + merged | unasked regions per image |")  # fmt: skip
     print("|---" * (len(OUTCOMES) + 5) + "|")

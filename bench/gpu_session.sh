@@ -108,6 +108,21 @@ step train_step_sdpa_output 30 python3 bench/train_step.py $SDPA_ARGS --json "$J
 step losses 15 python3 bench/losses.py $LOSS
 # MultiGen generation throughput (random SD 1.4 weights: the speed of the real ones).
 step generation 90 python3 bench/generation.py $GEN --json "$JSON/generation.json"
+# The 16x16-attention shapes base of issue #20 (configs/pretrain/shapes_base16.yaml: ~2.3 h on 2 CPU cores),
+# trained on the GPU with scenes rendered by 8 worker processes, then its card numbers; the exported model
+# (~10 MB) comes back as $OUT/base16_model.tar, the numbers as $OUT/card16.json. Only when asked for:
+# STEPS="pretrain_base16 base16_card" (a session of its own; ~8-10 minutes).
+if [[ " ${STEPS:-} " == *" pretrain_base16 "* ]]; then
+    SMALL=""; CARD=""
+    [ "${TINY:-0}" = 1 ] && SMALL="unet_steps=2 vae_steps=2 unet_batch=2 vae_batch=2 device=cpu" \
+        && CARD="--prompts 4 --images 1 --scenes 4"
+    step pretrain_base16 480 python3 -m tokencompose.cli pretrain configs/pretrain/shapes_base16.yaml \
+        workers=8 device=cuda $SMALL --work /tmp/base16 --out /tmp/base16_model
+    if [ -d /tmp/base16_model ]; then tar -C /tmp -cf "$OUT/base16_model.tar" base16_model
+    else echo "=== no base16 model to return (re-running the step resumes from /tmp/base16 on a warm machine)"; fi
+    step base16_card 120 python3 bench/base_card.py --model /tmp/base16_model --out /tmp/card16 $CARD
+    cp /tmp/card16/card.json "$OUT/card16.json" 2>/dev/null || echo "=== no card16.json"
+fi
 # compile with gradient checkpointing (one graph thanks to no_store_replay_under_checkpoint), if time is left.
 step train_step_compile_ckpt 120 python3 bench/train_step.py $COMPILE_CKPT_ARGS --json "$JSON/train_step_compile_ckpt.json"
 date -u

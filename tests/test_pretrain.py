@@ -32,6 +32,17 @@ def test_recipe_config_rejects_bad_keys():
     assert cfg.arch.unet_channels == (16, 16) and cfg.unet_steps == 3
 
 
+def test_device_is_checked_before_training(tmp_path, monkeypatch):
+    from tokencompose.errors import UserError
+
+    with pytest.raises(UserError, match="not a torch device"):
+        pretrain(load_pretrain_config(None, [*MINI, "device=gpu0"]), tmp_path / "a")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no GPU"):
+        pretrain(load_pretrain_config(None, [*MINI, "device=cuda"]), tmp_path / "b")
+    assert load_pretrain_config(None, MINI).device == "auto"  # a GPU when there is one
+
+
 def test_pretrain_mini_end_to_end_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -60,3 +71,15 @@ def test_shipped_recipe_file_is_the_code_default():
 
     path = resources.files("tokencompose") / "configs" / "pretrain" / "shapes_base.yaml"
     assert load_pretrain_config(str(path)) == PretrainConfig()
+
+
+def test_worker_processes_render_the_same_batches(tmp_path):
+    """Rendering ahead in worker processes changes nothing: scene i depends on (seed, i) only."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for workers in (0, 2):
+        out = pretrain(load_pretrain_config(None, [*MINI, f"workers={workers}", "device=cpu"]), tmp_path / str(workers))
+        weights.append(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -51,3 +51,25 @@ class _NoRaise:
 
     def __exit__(self, *exc: object) -> bool:
         return False
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "expected"),
+    [
+        (["pretrain", "r.yaml", "--work", "w", "unet_steps=5"], "overrides", ["unet_steps=5"]),
+        (["pretrain", "r.yaml", "a=1", "--work", "w", "b=2"], "overrides", ["a=1", "b=2"]),
+        (["demo", "seed=3", "--smoke", "out=x"], "settings", ["seed=3", "out=x"]),
+        (["train", "shapes_tiny", "--print-config", "train.max_steps=2"], "overrides", ["train.max_steps=2"]),
+    ],
+)
+def test_settings_after_an_option_are_taken_in_order(argv: list[str], dest: str, expected: list[str]) -> None:
+    """``pretrain R --work W unet_steps=N`` (the recipe's documented resume) is not refused as unrecognized."""
+    from tokencompose.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), dest) == expected
+
+
+def test_a_stray_word_after_an_option_is_still_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["pretrain", "r.yaml", "--work", "w", "stray"])
+    assert raised.value.code == 2 and "stray" in capsys.readouterr().err

@@ -37,6 +37,20 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Also take ``key=value`` settings that come after an option (``pretrain R --work W unet_steps=5``).
+
+        argparse fills a trailing ``nargs="*"`` positional from the first run of positionals only; what follows
+        an option would be refused as unrecognized. Those ``key=value`` words join the list, in order.
+        """
+        ns, extras = super().parse_known_args(args, namespace)
+        lists = [a for a in self._actions if not a.option_strings and a.nargs == "*"]
+        if lists and isinstance(getattr(ns, lists[-1].dest, None), list):
+            late = [a for a in extras if "=" in a and not a.startswith("-")]
+            setattr(ns, lists[-1].dest, [*getattr(ns, lists[-1].dest), *late])
+            extras = [a for a in extras if a not in late]
+        return ns, extras
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tokencompose", description="TokenCompose: token-level supervision.")

@@ -55,10 +55,11 @@ def main() -> None:
         cells = ", ".join(f"{d['diff'][j]:+.1f} [{d['ci95'][j][0]:+.1f}, {d['ci95'][j][1]:+.1f}]"
                           for d in (r["diff"] for r in rows))  # fmt: skip
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        mde = statistics.fmean(r["diff"]["mde"][j] for r in rows)
+        mdes = [r["diff"]["mde"][j] for r in rows if r["diff"]["mde"][j] is not None]  # None: no spread
+        mde = f"{statistics.fmean(mdes):.1f}" if mdes else "undefined"
         report["mean_diff"].append(statistics.fmean(vals))
         report["std_diff"].append(sd)
-        print(f"MG{j + 1}: {cells}; mean {statistics.fmean(vals):+.2f} ± {sd:.2f}; MDE per run {mde:.1f}")
+        print(f"MG{j + 1}: {cells}; mean {statistics.fmean(vals):+.2f} ± {sd:.2f}; MDE per run {mde}")
     d_miou = [r["miou"]["tokencompose"] - r["miou"]["control"] for r in rows]
     print(f"grounding mIoU TC - control: {statistics.fmean(d_miou):+.3f} ± {statistics.pstdev(d_miou):.3f}")
     for key in ("spatial", "binding"):

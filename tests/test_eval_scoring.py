@@ -104,5 +104,8 @@ def test_paired_difference_matches_hand_computation_and_its_power_arithmetic():
     assert out["diff"][0] == pytest.approx(12.5)
     same = paired_difference(a, a, max_k=2)
     assert same["diff"] == [0.0, 0.0] and same["ci95"][1] == [0.0, 0.0]
+    # no spread between prompts (both arms equal, or on a floor): the MDE is undefined, not 0
+    assert same["mde"] == [None, None] and same["se"] == [None, None] and same["prompts_for_5"] == [None, None]
+    assert paired_difference(a[:1], b[:1], max_k=2)["mde"] == [None, None]  # one prompt
     with pytest.raises(ValueError, match="shape"):
         paired_difference(a, b[:3], max_k=2)

@@ -242,6 +242,11 @@ def paired_effect(results: dict[str, dict[str, Path]], prompts: Path, images_per
     return paired_difference(counts["tokencompose"], counts["control"], k, seed=seed)
 
 
+def _points(value: float | None) -> str:
+    """A minimum detectable effect in points, or why there is none (no spread between prompts)."""
+    return "undefined (no spread)" if value is None else f"{value:.1f}"
+
+
 def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
     """A plain statement of whether TokenCompose beat the control: the paired MG_k differences and grounding.
 
@@ -261,7 +266,7 @@ def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
         lost = [f"MG{k + 1}" for k in ks if effect["ci95"][k][1] < 0]
         d, ci = effect["diff"], effect["ci95"]
         cells = "; ".join(f"MG{k + 1} {d[k]:+.1f} [{ci[k][0]:+.1f}, {ci[k][1]:+.1f}]" for k in ks)
-        mde = ", ".join(f"MG{k + 1} {effect['mde'][k]:.1f}" for k in ks)
+        mde = ", ".join(f"MG{k + 1} {_points(effect['mde'][k])}" for k in ks)
         if won and not lost:
             head = f"TokenCompose beat the control on {', '.join(won)} (95% CI of the paired difference above zero)"
         elif lost and not won:

@@ -143,7 +143,9 @@ def paired_difference(
     error ``sd(d_p) / sqrt(P)`` (prompts are the independent unit: a prompt's images share its difficulty),
     its CI a paired percentile bootstrap over prompts. ``mde`` is the smallest true difference this many
     prompts detect with 80% power in a two-sided 5% test, ``(z_0.975 + z_0.8) * se``; ``prompts_for_5`` the
-    prompts that would bring it to 5 points at the same per-prompt spread.
+    prompts that would bring it to 5 points at the same per-prompt spread. Where the per-prompt differences have
+    no spread (one prompt, or every prompt equal -- both arms on a floor) the spread says nothing about the
+    design: ``se``, ``mde`` and ``prompts_for_5`` are None there, not 0.
     """
     if counts_a.shape != counts_b.shape:
         raise ValueError(f"paired counts differ in shape: {counts_a.shape} vs {counts_b.shape}")
@@ -156,13 +158,19 @@ def paired_difference(
     boots = d[:, rng.integers(0, p, size=(num_samples, p))].mean(axis=2)  # [K, num_samples]
     alpha = (1.0 - level) / 2.0
     ci = np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
+    se = np.where(se > 0, se, np.nan)  # no spread: undefined, not a design that detects everything
     mde = (Z_ALPHA + Z_POWER) * se
     needed = np.ceil(p * (mde / 5.0) ** 2)
     return {
         "diff": d.mean(axis=1).tolist(),
         "ci95": ci.tolist(),
-        "se": se.tolist(),
-        "mde": mde.tolist(),
+        "se": _finite_or_none(se),
+        "mde": _finite_or_none(mde),
         "prompts_for_5": [int(x) if np.isfinite(x) else None for x in needed],
         "num_prompts": p,
     }
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    """A list for JSON: NaN (undefined) becomes None, which strict JSON readers accept."""
+    return [float(v) if np.isfinite(v) else None for v in values]

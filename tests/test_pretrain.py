@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,3 +85,20 @@ def test_worker_processes_render_the_same_batches(tmp_path):
         weights.append(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_work_folder_is_not_resumed_with_another_recipe(tmp_path):
+    """Resuming with another seed or size would mix two recipes in one model; only run-length fields may change."""
+    from tokencompose.errors import UserError
+
+    work = tmp_path / "work"
+    pretrain(load_pretrain_config(None, MINI), work)
+    for bad, key in (("seed=1", "seed"), ("arch.unet_channels=[8,8]", "arch"), ("unet_lr=1e-3", "unet_lr")):
+        with pytest.raises(UserError, match=key):
+            pretrain(load_pretrain_config(None, [*MINI, bad]), work)
+    # a longer stage 2 (and a VAE length once the VAE is done) resumes: the recipe's documented extension
+    pretrain(load_pretrain_config(None, [*MINI, "unet_steps=4", "vae_steps=3", "checkpoint_every=1"]), work)
+    assert torch.load(work / "diffusion_state.pt", weights_only=True)["step"] == 4
+    assert json.loads((work / "diffusion" / "progress.json").read_text())["step"] == 4
+    with pytest.raises(UserError, match="unet_steps >= 4"):  # an earlier step's EMA is gone: refused, not relabelled
+        pretrain(load_pretrain_config(None, [*MINI, "unet_steps=3"]), work)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokencompose.atomic import atomic_writer
+from tokencompose.atomic import atomic_write_text, atomic_writer
 from tokencompose.data.shapes import render_scene, scene_record
 from tokencompose.errors import UserError
 from tokencompose.losses import denoise_loss
@@ -235,7 +235,13 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
 
     done = work / "diffusion"
     if (done / "unet" / "config.json").is_file():
-        return done
+        finished = _finished_step(done, cfg)
+        if finished == cfg.unet_steps:
+            return done
+        if finished > cfg.unet_steps:
+            raise UserError(f"{work}'s stage 2 finished at step {finished}; it cannot be exported at an earlier "
+                            f"step ({cfg.unet_steps}): ask for unet_steps >= {finished}")  # fmt: skip
+        log.info("diffusion: continuing from step %d to %d", finished, cfg.unet_steps)  # a longer recipe
     device = _device(cfg)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False).to(device)
     tokenizer = clip_tokenizer()
@@ -258,6 +264,9 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
         step = state["step"]
         _set_rng_state(state["rng"])
         log.info("diffusion: resuming at step %d", step)
+        if step > cfg.unet_steps:
+            raise UserError(f"{ckpt} is at step {step}, past unet_steps={cfg.unet_steps}: the EMA there is step "
+                            f"{step}'s, not step {cfg.unet_steps}'s; ask for unet_steps >= {step}")  # fmt: skip
     alphas = scheduler.alphas_cumprod.to(device)
     bar = _progress(cfg.unet_steps, step, "UNet+text")
     unet.train()
@@ -303,8 +312,16 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
     save_text_encoder(text, tmp / "text_encoder")
+    (tmp / "progress.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(done, ignore_errors=True)  # a shorter finished run being continued: its state went on
     os.replace(tmp, done)
     return done
+
+
+def _finished_step(done: Path, cfg: PretrainConfig) -> int:
+    """The step a finished stage 2 folder was exported at (folders from before this record: the recipe's)."""
+    path = done / "progress.json"
+    return int(json.loads(path.read_text())["step"]) if path.is_file() else cfg.unet_steps
 
 
 def export(cfg: PretrainConfig, work: Path, out: Path, fp16: bool = True) -> Path:
@@ -334,11 +351,36 @@ def export(cfg: PretrainConfig, work: Path, out: Path, fp16: bool = True) -> Pat
     return out
 
 
+# Fields a work folder may be resumed with other values of: where and how fast it runs, how often it saves,
+# and how long stage 2 runs (its learning rate is constant after warm-up, so a shorter run is a prefix of a
+# longer one: the documented way to export a run stopped early).
+_RESUMABLE = ("unet_steps", "checkpoint_every", "threads", "workers", "device")
+
+
+def _check_work(cfg: PretrainConfig, work: Path) -> None:
+    """Refuse a work folder begun with another recipe: resuming it would mix two recipes in one model."""
+    path = work / "recipe.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg), default=str))
+    free = set(_RESUMABLE) | ({"vae_steps"} if (work / "vae" / "config.json").is_file() else set())
+    for key in sorted(set(old) | set(new)):
+        if key not in free and key in old and old.get(key) != new.get(key):
+            raise UserError(
+                f"{work} holds a pretraining run with another recipe ({key} {old[key]!r} there, {new.get(key)!r} "
+                "now): use another --work, or delete the folder to start over"
+            )
+
+
 def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = None) -> Path:
-    """Run (or resume) both stages in ``work`` and export to ``out`` (default ``work/model``)."""
+    """Run (or resume) both stages in ``work`` and export to ``out`` (default ``work/model``).
+
+    A work folder begun with another recipe is refused (only the fields in ``_RESUMABLE`` may change).
+    """
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    _check_work(cfg, work)
+    atomic_write_text(work / "recipe.json", json.dumps(asdict(cfg), indent=2, default=str))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_vae(cfg, work)

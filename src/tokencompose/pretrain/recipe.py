@@ -362,14 +362,18 @@ def _check_work(cfg: PretrainConfig, work: Path) -> None:
     path = work / "recipe.json"
     if not path.is_file():
         return
+    from tokencompose.evaluation.provenance import first_mismatch
+
     old, new = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg), default=str))
     free = set(_RESUMABLE) | ({"vae_steps"} if (work / "vae" / "config.json").is_file() else set())
-    for key in sorted(set(old) | set(new)):
-        if key not in free and key in old and old.get(key) != new.get(key):
-            raise UserError(
-                f"{work} holds a pretraining run with another recipe ({key} {old[key]!r} there, {new.get(key)!r} "
-                "now): use another --work, or delete the folder to start over"
-            )
+    kept = [k for k in old if k not in free]  # fields a newer recipe added are not in an older folder's record
+    found = first_mismatch({k: old[k] for k in kept}, {k: new.get(k) for k in kept})
+    if found:
+        key, there, now = found
+        raise UserError(
+            f"{work} holds a pretraining run with another recipe ({key} {there!r} there, {now!r} now): "
+            "use another --work, or delete the folder to start over"
+        )
 
 
 def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = None) -> Path:

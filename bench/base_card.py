@@ -35,6 +35,12 @@ def attention_sizes(model: str) -> list[int]:
     return [sample // 2**i for i in range(blocks)]
 
 
+def model_world(model: str) -> str:
+    """The shapes world a pretrained base was trained on (its ``recipe.json``; ``attributes`` without one)."""
+    recipe = Path(model, "recipe.json")
+    return json.loads(recipe.read_text()).get("world", "attributes") if recipe.is_file() else "attributes"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a diffusers folder (default: the shipped shapes base)")
@@ -43,6 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="images per prompt")
     parser.add_argument("--scenes", type=int, default=64, help="held-out scenes of the grounding metric")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--world", help="attributes | nouns (default: the model's recipe.json, else attributes)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, 4 prompts, 2 steps (smoke)")
     args = parser.parse_args()
 
@@ -65,19 +72,21 @@ def main() -> None:
         from tokencompose.demo import shipped_base
 
         model = str(shipped_base())
+    world = args.world or model_world(model)
     start = time.perf_counter()
     shapes = run_shapes_exact(load_settings(ShapesExactSettings, {
-        "out": str(out / "objects"), "tasks": ["objects"], "num_prompts": args.prompts,
+        "out": str(out / "objects"), "tasks": ["objects"], "num_prompts": args.prompts, "world": world,
         "model": {"model": model, "device": args.device},
         "generation": {"steps": steps, "images_per_prompt": args.images}}))  # fmt: skip
     grounding = run_grounding(load_settings(GroundingSettings, {
-        "out": str(out / "grounding"), "shapes": args.scenes, "timesteps": [200, 500],
+        "out": str(out / "grounding"), "shapes": args.scenes, "shapes_world": world, "timesteps": [200, 500],
         "model": {"model": model, "device": args.device}}))  # fmt: skip
     seconds = time.perf_counter() - start
     objects, gr = shapes["scores"]["objects"], grounding["scores"]
     sizes = attention_sizes(model)
 
-    print(f"model: {model}; UNet block resolutions {' / '.join(f'{s}x{s}' for s in sizes)}; {seconds:.0f} s\n")
+    blocks = " / ".join(f"{s}x{s}" for s in sizes)
+    print(f"model: {model}; world {world}; UNet block resolutions {blocks}; {seconds:.0f} s\n")
     print("| K | images | all objects right | " + " | ".join(o.replace("_", " ") for o in OUTCOMES)
           + " | failures missing + merged | unasked regions per image |")  # fmt: skip
     print("|---" * (len(OUTCOMES) + 5) + "|")
@@ -102,7 +111,8 @@ def main() -> None:
         f"(dominant single kind: {multi.get('dominant_failure')}) -> {'yes' if fused_share > 0.5 else 'no'}"
     )
     print(f"  attention at >= 16x16: {sizes[0]}x{sizes[0]} -> {'yes' if sizes[0] >= 16 else 'no'}")
-    record = {"model": model, "attention_sizes": sizes, "seconds": round(seconds, 1), "objects": objects,
+    record = {"model": model, "world": world, "attention_sizes": sizes, "seconds": round(seconds, 1),
+              "objects": objects,
               "grounding": {k: gr[k] for k in ("best_miou", "auroc", "map_correlation", "num_pairs")},
               "prompts": args.prompts, "images_per_prompt": args.images, "scenes": args.scenes}  # fmt: skip
     (out / "card.json").write_text(json.dumps(record, indent=2))

@@ -152,3 +152,23 @@ def test_cli_prepare_shapes(tmp_path):
     recs = read_jsonl(tmp_path / "metadata.jsonl")
     assert len(recs) == 5 and all(r.phrases and all(p.box for p in r.phrases) for r in recs)
     assert Image.open(recs[0].image).size == (64, 64)
+
+
+def test_nouns_world_scenes_hold_only_its_categories_and_attributes_world_is_the_default(tmp_path):
+    nouns = S.world_categories("nouns")
+    colors = [c.split(" ")[0] for c in nouns]
+    assert len(nouns) == 6 and len(set(colors)) == 6  # one fixed shape per colour
+    seen = set()
+    for i in range(40):
+        objects, text, _ = S.scene_record(3, i, world=nouns, max_objects=3)
+        seen |= {o.category for o in objects}
+        assert all(o.category in nouns and o.category in text for o in objects)
+    assert seen == set(nouns)
+    # The default world named explicitly draws the very scenes of the default (renders made before worlds exist).
+    a = S.make_shapes_dataset(tmp_path / "a", 4, seed=5)
+    b = S.make_shapes_dataset(tmp_path / "b", 4, seed=5, world="attributes")
+    assert [r.caption for r in read_jsonl(a)] == [r.caption for r in read_jsonl(b)]
+    c = S.make_shapes_dataset(tmp_path / "c", 8, seed=5, world="nouns")
+    assert {p.text for r in read_jsonl(c) for p in r.phrases} <= set(nouns)
+    with pytest.raises(ValueError, match="unknown shapes world"):
+        S.world_categories("animals")

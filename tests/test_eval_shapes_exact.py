@@ -21,6 +21,7 @@ from tokencompose.evaluation.shapes_exact import (
     score_spatial,
     spatial_prompts,
     spatial_text,
+    task_prompts,
 )
 from tokencompose.evaluation.visor import RELATIONS, centroid, relation_holds
 
@@ -296,10 +297,20 @@ def test_rerun_resumes_and_cli_scores_without_a_model(finished_run, capsys):
     assert scored["scores"] == {"attribute": result["scores"]["attribute"]} and scored["model"] is None
 
 
+def test_the_world_setting_picks_the_prompts_categories():
+    from tokencompose.data.shapes import world_categories
+
+    nouns = world_categories("nouns")
+    for task in ("spatial", "objects"):
+        prompts = task_prompts(task, 12, 0, nouns)
+        assert all(set(p.categories) <= set(nouns) for p in prompts)
+        assert task_prompts(task, 12, 0, world_categories("attributes")) == task_prompts(task, 12, 0)
+
+
 def test_bad_settings_are_user_errors(tmp_path):
     from tokencompose.evaluation.shapes_exact_run import ShapesExactSettings, run_shapes_exact
 
-    for bad in ({"tasks": ["colour"]}, {"num_prompts": 0}, {"threshold": 1.5}):
+    for bad in ({"tasks": ["colour"]}, {"num_prompts": 0}, {"threshold": 1.5}, {"world": "animals"}):
         with pytest.raises(UserError):
             run_shapes_exact(ShapesExactSettings(out=str(tmp_path / "x"), **bad))
     with pytest.raises(UserError, match="missing"):

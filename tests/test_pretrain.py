@@ -43,6 +43,20 @@ def test_device_is_checked_before_training(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no GPU"):
         pretrain(load_pretrain_config(None, [*MINI, "device=cuda"]), tmp_path / "b")
     assert load_pretrain_config(None, MINI).device == "auto"  # a GPU when there is one
+    with pytest.raises(UserError, match="not a shapes world"):
+        pretrain(load_pretrain_config(None, [*MINI, "world=animals"]), tmp_path / "c")
+
+
+def test_nouns_world_batches_name_only_its_categories():
+    from tokencompose.data.shapes import world_categories
+    from tokencompose.pretrain.recipe import _stream_batch
+
+    cfg = load_pretrain_config(None, [*MINI, "world=nouns"])
+    x, captions = _stream_batch(cfg, 0, 8, 0)
+    nouns = world_categories("nouns")
+    others = [c for c in world_categories("attributes") if c not in nouns]
+    assert x.shape[0] == 8 and all(any(n in t for n in nouns) for t in captions)
+    assert not any(o in t for t in captions for o in others)
 
 
 def test_pretrain_mini_end_to_end_and_resume(tmp_path):

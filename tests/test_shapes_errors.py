@@ -59,6 +59,20 @@ def test_prompts_cycle_k_and_use_distinct_colours_and_shapes():
         object_prompts(4, max_objects=5)  # only 4 shapes
 
 
+def test_prompts_of_the_nouns_world_name_only_its_categories():
+    from tokencompose.data.shapes import world_categories
+
+    nouns = world_categories("nouns")
+    prompts = object_prompts(40, seed=3, categories=nouns)
+    assert [len(p.categories) for p in prompts[:4]] == [1, 2, 3, 4]
+    for p in prompts:
+        assert set(p.categories) <= set(nouns)
+        shapes = [split_category(c)[1] for c in p.categories]
+        assert len(set(shapes)) == len(shapes)  # each region stays attributable by shape too
+    # Naming the default world gives the default prompts (one draw rule for both).
+    assert object_prompts(12, seed=3, categories=world_categories("attributes")) == object_prompts(12, seed=3)
+
+
 # ---------------------------------------------------------------- rendered scenes read back by the exact detector
 
 

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     option(p, "--num-prompts", key="num_prompts", help="prompts per task (40)")
     option(p, "--prompt-seed", key="prompt_seed", help="seed of the prompt sampler (0)")
     option(p, "--tasks", key="tasks", help="comma-separated: spatial,attribute,objects (default spatial,attribute)")
+    option(p, "--world", key="world", help="the shapes world the model was trained on: attributes | nouns (attributes)")
     option(p, "--threshold", key="threshold", help="a region counts when its score is above this (0.1)")
     option(p, "--skip-generation", key="skip_generation", action="store_true", help="score the images present")
     add_model_options(p)

@@ -86,6 +86,7 @@ def add_grounding_options(p: argparse.ArgumentParser, timesteps: str, layers: st
     option(p, "--data", key="data", help="metadata.jsonl with phrase masks")
     option(p, "--shapes", key="shapes", help="instead of --data: render this many shapes-world scenes")
     option(p, "--shapes-seed", key="shapes_seed", help="scenes unseen in training by default (12345)")
+    option(p, "--shapes-world", key="shapes_world", help="those scenes' world (the model's): attributes | nouns")
     option(p, "--resolution", key="resolution", help="image size in pixels (default: the model's)")
     option(p, "--eval-size", key="eval_size", help="mask/score resolution (default: the image size)")
     option(p, "--timesteps", key="timesteps", help=timesteps)

@@ -37,6 +37,25 @@ def categories(colors: Sequence[str] | None = None, shapes: Sequence[str] | None
     return [f"{c} {s}" for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
 
 
+# The worlds a base can be trained on (issue #20). ``attributes``: every colour in every shape (24 categories), so
+# drawing "a red circle and a blue square" means binding each shape word to its colour word -- the failure a
+# small base shows is the colour drawn in the other object's shape (attribute leakage). ``nouns``: each colour
+# has one fixed shape (6 categories), so a category is an atomic thing like a COCO noun and nothing can leak
+# between attribute words; what is left to fail is SD 1.4's way: objects left out or fused. Neighbouring hues
+# get different shapes so that a colour drift does not also land on the right shape.
+WORLDS: dict[str, tuple[str, ...]] = {
+    "attributes": tuple(categories()),
+    "nouns": ("red circle", "yellow square", "green triangle", "cyan cross", "blue circle", "purple square"),
+}
+
+
+def world_categories(world: str) -> list[str]:
+    """The categories of a named world (:data:`WORLDS`); a one-line error for an unknown name."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown shapes world {world!r}; known: {', '.join(WORLDS)}")
+    return list(WORLDS[world])
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     """One object: colour and shape names, centre (pixels) and the side of its bounding square."""
@@ -95,9 +114,17 @@ def sample_scene(
     max_scale: float = 0.42,
     max_occlusion: float = 0.1,
     tries: int = 60,
+    world: Sequence[str] | None = None,
 ) -> list[ShapeObject]:
-    """Random objects of distinct categories within the placement limits (see module docstring)."""
-    cats = [(c, s) for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
+    """Random objects of distinct categories within the placement limits (see module docstring).
+
+    ``world``: the categories to draw from (``"<colour> <shape>"`` names, e.g. ``WORLDS["nouns"]``); default
+    every one of ``colors`` x ``shapes``.
+    """
+    if world is not None:
+        cats = [(c, s) for c, s in (name.split(" ", 1) for name in world)]
+    else:
+        cats = [(c, s) for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
     k = int(rng.integers(min_objects, max_objects + 1))
     k = min(k, len(cats))
     while k >= 1:
@@ -186,10 +213,12 @@ def make_shapes_dataset(
     max_occlusion: float = 0.1,
     min_scale: float = 0.2,
     max_scale: float = 0.42,
+    world: str | None = None,
 ) -> Path:
     """Render ``num`` scenes into ``out`` (``images/``, ``masks/``, ``metadata.jsonl``, ``shapes.json``).
 
-    Returns the path of ``metadata.jsonl``. Phrases are the category names, in caption order.
+    Returns the path of ``metadata.jsonl``. Phrases are the category names, in caption order. ``world``: a
+    named category set (:data:`WORLDS`) instead of every one of ``colors`` x ``shapes``.
     ``out`` is claimed with :func:`~tokencompose.data.outputs.claim_output_dir`: a completed render
     with the same settings is reused, an interrupted one is redone, anything else is refused with a
     :class:`~tokencompose.errors.UserError`. ``metadata.jsonl`` appears (atomically) only once every
@@ -208,6 +237,8 @@ def make_shapes_dataset(
         min_scale=min_scale,
         max_scale=max_scale,
     )
+    if world is not None:  # only then in the record: renders made before worlds existed stay claimed
+        kw["world"] = world_categories(world)
     meta = dict(seed=seed, num=num, size=size, background=BACKGROUND, templates=list(templates), **kw)
     meta["colors"] = palette  # names -> RGB, what the detector needs
     path = out / "metadata.jsonl"

@@ -246,8 +246,8 @@ def grounding_dataset(s: GroundingSettings, comps: Any, tmp: str) -> tuple[Any, 
     image_size = s.resolution or default_image_size(comps)
     eval_size = s.eval_size or image_size
     if s.shapes is not None:
-        data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size)
-        info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed}
+        data = make_shapes_dataset(tmp, num=s.shapes, seed=s.shapes_seed, size=image_size, world=s.shapes_world)
+        info: dict[str, Any] = {"source": "shapes", "num": s.shapes, "seed": s.shapes_seed, "world": s.shapes_world}
     else:
         data, info = Path(s.data), {"source": s.data}
     family = family_of(comps)

@@ -98,6 +98,8 @@ class GroundingSettings:
     """Instead of ``data``: render this many shapes-world scenes and use them."""
     shapes_seed: int = 12345
     """Seed of those scenes (unseen in training by default)."""
+    shapes_world: str = "attributes"
+    """The shapes world of those scenes (``attributes`` | ``nouns``): the one the model was trained on."""
     resolution: int | None = None
     """Image size in pixels (default: the model's native size)."""
     eval_size: int | None = None

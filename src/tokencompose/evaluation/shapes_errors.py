@@ -7,10 +7,11 @@ SD 1.4's characteristic failure, the one TokenCompose targets, is objects left o
 same way decides whether the demo's experiment can answer the paper's question (issue #20), so the exact
 detector's regions are read back per asked object.
 
-**Prompts** (task ``objects``): K distinct categories with distinct colours **and** distinct shapes, so every
-region can only belong to one asked object by colour and to one by shape; K cycles through
+**Prompts** (task ``objects``): K distinct categories of a world with distinct colours **and** distinct shapes,
+so every region can only belong to one asked object by colour and to one by shape; K cycles through
 ``1..max_objects`` (prompt ``uid`` gets ``K = 1 + uid % max_objects``, at most 4: there are 4 shapes), the
-categories drawn uniformly (numpy PCG64, seeded), MultiGen's caption ``"a photo of a A, a B, and a C."``.
+categories drawn uniformly (numpy PCG64, seeded), MultiGen's caption ``"a photo of a A, a B, and a C."``. In the
+``nouns`` world (one shape per colour) "wrong shape" is a drawing error, not a binding one.
 
 **Outcome of each asked object** (regions scoring strictly above the threshold; each region explains at
 most one asked object; objects taken in prompt order within each pass, passes in this order):
@@ -43,21 +44,36 @@ FAILURES = OUTCOMES[1:]
 Region = Mapping[str, Any]
 
 
-def object_prompts(num_prompts: int, seed: int = 0, max_objects: int = 4) -> list[Prompt]:
-    """``num_prompts`` prompts of K = ``1 + uid % max_objects`` objects of distinct colours and shapes, seeded."""
-    from tokencompose.data.shapes import COLORS, SHAPES, multigen_caption
+def object_prompts(
+    num_prompts: int, seed: int = 0, max_objects: int = 4, categories: Sequence[str] | None = None
+) -> list[Prompt]:
+    """``num_prompts`` prompts of K = ``1 + uid % max_objects`` objects of distinct colours and shapes, seeded.
 
-    if not 1 <= max_objects <= min(len(COLORS), len(SHAPES)):
-        raise ValueError(f"max_objects must be in 1..{min(len(COLORS), len(SHAPES))}, got {max_objects}")
-    colors = list(COLORS)
+    ``categories``: the world's (default every colour in every shape). K colours and K shapes are drawn without
+    replacement and paired in order; a draw whose pairs are not all categories of the world is drawn again (in
+    the default world every draw is one, so its prompts do not depend on this rule).
+    """
+    from tokencompose.data.shapes import categories as all_categories
+    from tokencompose.data.shapes import multigen_caption
+
+    cats = list(dict.fromkeys(categories or all_categories()))
+    parts = [split_category(c) for c in cats]
+    colors, shapes = list(dict.fromkeys(c for c, _ in parts)), list(dict.fromkeys(s for _, s in parts))
+    if not 1 <= max_objects <= min(len(colors), len(shapes)):
+        raise ValueError(f"max_objects must be in 1..{min(len(colors), len(shapes))}, got {max_objects}")
     rng = np.random.default_rng(seed)
     prompts = []
     for uid in range(num_prompts):
         k = 1 + uid % max_objects
-        cs = rng.choice(len(colors), size=k, replace=False)
-        ss = rng.choice(len(SHAPES), size=k, replace=False)
-        cats = tuple(f"{colors[int(c)]} {SHAPES[int(s)]}" for c, s in zip(cs, ss, strict=True))
-        prompts.append(Prompt(uid=uid, categories=cats, text=multigen_caption(cats)))
+        for _ in range(10_000):
+            cs = rng.choice(len(colors), size=k, replace=False)
+            ss = rng.choice(len(shapes), size=k, replace=False)
+            drawn = tuple(f"{colors[int(c)]} {shapes[int(s)]}" for c, s in zip(cs, ss, strict=True))
+            if all(c in cats for c in drawn):
+                break
+        else:
+            raise ValueError(f"the categories hold no {k} objects of distinct colours and shapes")
+        prompts.append(Prompt(uid=uid, categories=drawn, text=multigen_caption(drawn)))
     return prompts
 
 

@@ -122,16 +122,19 @@ def attribute_prompts(num_prompts: int, seed: int = 0, categories: Sequence[str]
     return prompts
 
 
-def task_prompts(task: str, num_prompts: int, seed: int = 0) -> list[Prompt]:
-    """The prompt set of one task (``spatial`` | ``attribute`` | ``objects``) over the default shapes world."""
+def task_prompts(task: str, num_prompts: int, seed: int = 0, categories: Sequence[str] | None = None) -> list[Prompt]:
+    """The prompt set of one task (``spatial`` | ``attribute`` | ``objects``) over a shapes world's categories.
+
+    ``categories``: the world's (e.g. ``world_categories("nouns")``); default every colour in every shape.
+    """
     if task == "spatial":
-        return spatial_prompts(num_prompts, seed)
+        return spatial_prompts(num_prompts, seed, categories)
     if task == "attribute":
-        return attribute_prompts(num_prompts, seed)
+        return attribute_prompts(num_prompts, seed, categories)
     if task == "objects":
         from tokencompose.evaluation.shapes_errors import object_prompts
 
-        return object_prompts(num_prompts, seed)
+        return object_prompts(num_prompts, seed, categories=categories)
     raise UserError(f"unknown shapes task {task!r}: use {' or '.join(TASKS)}")
 
 

@@ -71,6 +71,9 @@ class ShapesExactSettings:
     1..4-object prompts: what each asked object became)."""
     threshold: float = 0.1
     """A region counts when its exact-detector score is strictly above this (VISOR's 0.1)."""
+    world: str = "attributes"
+    """The shapes world the prompts name (:data:`tokencompose.data.shapes.WORLDS`): ``attributes`` (every colour in
+    every shape; the shipped base) or ``nouns`` (one shape per colour); use the world the model was trained on."""
     skip_generation: bool = False
     """Score the images already in the task folders (no model needed)."""
     run: ShardSettings = field(default_factory=ShardSettings)
@@ -86,6 +89,10 @@ def _check(s: ShapesExactSettings) -> None:
         raise UserError(f"num_prompts must be at least 1, got {s.num_prompts}")
     if s.generation.images_per_prompt < 1:
         raise UserError(f"images_per_prompt must be at least 1, got {s.generation.images_per_prompt}")
+    from tokencompose.data.shapes import WORLDS
+
+    if s.world not in WORLDS:
+        raise UserError(f"world {s.world!r} is not a shapes world ({', '.join(WORLDS)})")
     if not 0.0 <= s.threshold < 1.0:
         raise UserError(f"threshold must be in [0, 1) (exact-detector scores), got {s.threshold}")
 
@@ -119,7 +126,10 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
     out = Path(s.out)
     model = None if s.skip_generation else _model(s)
     shard = resolve_shard(s.model.device, s.run)
-    sets = {task: task_prompts(task, s.num_prompts, s.prompt_seed) for task in s.tasks}
+    from tokencompose.data.shapes import world_categories
+
+    cats = world_categories(s.world)
+    sets = {task: task_prompts(task, s.num_prompts, s.prompt_seed, cats) for task in s.tasks}
     n = s.generation.images_per_prompt
     for task, prompts in sets.items():
         if model is not None:

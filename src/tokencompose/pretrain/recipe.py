@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.atomic import atomic_write_text, atomic_writer
-from tokencompose.data.shapes import render_scene, scene_record
+from tokencompose.data.shapes import WORLDS, render_scene, scene_record, world_categories
 from tokencompose.errors import UserError
 from tokencompose.losses import denoise_loss
 from tokencompose.models import Components, clip_tokenizer, save_text_encoder
@@ -49,6 +49,10 @@ class PretrainConfig:
     """Fewest objects in a scene."""
     max_objects: int = 3
     """Scenes hold 1..max_objects objects: the base learns single objects and simple pairs."""
+    world: str = "attributes"
+    """Which categories scenes hold (:data:`tokencompose.data.shapes.WORLDS`): ``attributes``, every colour in
+    every shape (24; the shipped 8x8 base), or ``nouns``, one fixed shape per colour (6; objects are atomic
+    like COCO nouns, so nothing can leak between attribute words)."""
     vae_steps: int = 2500
     """Optimizer steps of stage 1 (the VAE)."""
     vae_batch: int = 16
@@ -103,7 +107,12 @@ def _stream_batch(cfg: PretrainConfig, start: int, n: int, stream: int) -> tuple
     size = cfg.arch.image_size
     for i in range(start, start + n):
         objects, text, _ = scene_record(
-            cfg.seed * 1000 + stream, i, size, min_objects=cfg.min_objects, max_objects=cfg.max_objects
+            cfg.seed * 1000 + stream,
+            i,
+            size,
+            min_objects=cfg.min_objects,
+            max_objects=cfg.max_objects,
+            world=world_categories(cfg.world),
         )
         image, _, _ = render_scene(objects, size)
         images.append(torch.from_numpy(image))
@@ -381,6 +390,8 @@ def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = Non
 
     A work folder begun with another recipe is refused (only the fields in ``_RESUMABLE`` may change).
     """
+    if cfg.world not in WORLDS:
+        raise UserError(f"world {cfg.world!r} is not a shapes world ({', '.join(WORLDS)})")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     _check_work(cfg, work)

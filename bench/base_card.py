@@ -35,12 +35,6 @@ def attention_sizes(model: str) -> list[int]:
     return [sample // 2**i for i in range(blocks)]
 
 
-def model_world(model: str) -> str:
-    """The shapes world a pretrained base was trained on (its ``recipe.json``; ``attributes`` without one)."""
-    recipe = Path(model, "recipe.json")
-    return json.loads(recipe.read_text()).get("world", "attributes") if recipe.is_file() else "attributes"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a diffusers folder (default: the shipped shapes base)")
@@ -57,6 +51,7 @@ def main() -> None:
     from tokencompose.evaluation.settings import GroundingSettings
     from tokencompose.evaluation.shapes_errors import FAILURES, OUTCOMES
     from tokencompose.evaluation.shapes_exact_run import ShapesExactSettings, run_shapes_exact
+    from tokencompose.pretrain.recipe import trained_world
     from tokencompose.typed_data import load_settings
 
     out = Path(args.out)
@@ -72,7 +67,7 @@ def main() -> None:
         from tokencompose.demo import shipped_base
 
         model = str(shipped_base())
-    world = args.world or model_world(model)
+    world = args.world or trained_world(model)
     start = time.perf_counter()
     shapes = run_shapes_exact(load_settings(ShapesExactSettings, {
         "out": str(out / "objects"), "tasks": ["objects"], "num_prompts": args.prompts, "world": world,

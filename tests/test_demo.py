@@ -15,6 +15,8 @@ def smoke_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     tiny_components(seed=0).save(root / "base")
+    # A base trained on the nouns world says so in its recipe; the demo's scenes and prompts follow it.
+    (root / "base" / "recipe.json").write_text(json.dumps({"world": "nouns"}))
     code = main(["demo", "--smoke", "--out", str(root / "out"), "--base", str(root / "base")])
     return code, root / "out"
 
@@ -36,6 +38,34 @@ def test_smoke_demo_writes_every_stage(smoke_run):
     assert c["loss"]["token_weight"] == 0 and c["loss"]["pixel_weight"] == 0
     assert t["loss"]["token_weight"] > 0 and t["loss"]["pixel_weight"] > 0
     assert c["train"] == t["train"] and c["data"] == t["data"]
+
+
+def test_the_demo_uses_the_world_its_base_was_trained_on(smoke_run):
+    from tokencompose.data.records import read_jsonl
+    from tokencompose.data.shapes import world_categories
+    from tokencompose.evaluation.prompts import load_prompts
+
+    _, out = smoke_run
+    nouns = set(world_categories("nouns"))
+    assert json.loads((out / "summary.json").read_text())["world"] == "nouns"
+    assert all({p.text for p in r.phrases} <= nouns for r in read_jsonl(out / "data" / "train" / "metadata.jsonl"))
+    assert all(set(p.categories) <= nouns for p in load_prompts(out / "prompts.json"))
+    for task in ("spatial", "attribute"):
+        assert all(
+            set(p.categories) <= nouns for p in load_prompts(out / "eval" / "base" / "exact" / task / "prompts.json")
+        )
+    grounding = (out / "eval" / "base" / "grounding" / "results.json").read_text()
+    assert '"world": "nouns"' in grounding
+
+
+def test_figure_prompts_name_their_worlds_categories():
+    from tokencompose.data.shapes import WORLDS
+    from tokencompose.demo import FIGURE_PROMPTS
+
+    assert set(FIGURE_PROMPTS) == set(WORLDS)
+    for world, prompts in FIGURE_PROMPTS.items():
+        named = {c for p in prompts for c in WORLDS["attributes"] if f" {c}" in p}
+        assert named and named <= set(WORLDS[world]), world
 
 
 def test_smoke_report_contents(smoke_run):
@@ -93,6 +123,12 @@ def test_demo_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(tmp_path)]) == 2
     assert "holds no demo run" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_unknown_world_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--smoke", "--out", str(tmp_path / "d"), "world=animals"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a shapes world" in err and len(err.splitlines()) == 1
 
 
 def test_demo_settings_are_typed(tmp_path, capsys):

@@ -22,7 +22,7 @@ from typing import Any
 
 from tokencompose.atomic import atomic_write_text
 from tokencompose.config import load_config
-from tokencompose.data.shapes import categories, make_shapes_dataset, multigen_caption
+from tokencompose.data.shapes import WORLDS, make_shapes_dataset, multigen_caption, world_categories
 from tokencompose.errors import UserError
 from tokencompose.evaluation.prompts import sample_prompts, save_prompts
 from tokencompose.evaluation.run import run_grounding, run_multigen
@@ -58,6 +58,9 @@ class DemoSettings:
     """Output folder; re-running resumes from it (a folder holding other settings is refused)."""
     base: str | None = None
     """Base model folder (diffusers layout); None = the shipped shapes-world base."""
+    world: str | None = None
+    """The shapes world of the scenes and prompts (``attributes`` | ``nouns``); None = the one the base was trained
+    on (its ``recipe.json``)."""
     seed: int = 11
     """Seed of the training scenes, the prompts and the training noise. 11 is a verdict seed: the settings were
     chosen on seeds 0 and 7 (design), and 11, 12, 13 were never used while choosing (the base's card)."""
@@ -142,7 +145,7 @@ def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float,
     return Path(result.checkpoint)
 
 
-def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path) -> dict[str, Path]:
+def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path, world: str) -> dict[str, Path]:
     """MultiGen and grounding of one arm through the evaluation library (skipped when already scored)."""
     out = Path(s.out) / "eval" / name
     model = ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu")
@@ -164,7 +167,7 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
     if not gr.is_file():
         run_grounding(
             GroundingSettings(out=str(gr.parent), name=name, model=model, shapes=s.grounding_images, resolution=64,
-                              timesteps=list(s.grounding_timesteps), batch_size=16)
+                              shapes_world=world, timesteps=list(s.grounding_timesteps), batch_size=16)
         )  # fmt: skip
     exact = out / "exact" / "results.json"
     if s.exact_prompts > 0 and not exact.is_file():
@@ -177,12 +180,27 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
         gen = ShapesGenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance_scale, resolution=64,
                                        images_per_prompt=s.images_per_prompt, seed=s.seed)  # fmt: skip
         run_shapes_exact(ShapesExactSettings(out=str(exact.parent), name=name, model=model, generation=gen,
-                                             num_prompts=s.exact_prompts, prompt_seed=s.seed,
+                                             num_prompts=s.exact_prompts, prompt_seed=s.seed, world=world,
                                              run=ShardSettings(batch_size=16)))  # fmt: skip
     return {"multigen": mg, "grounding": gr, "exact": exact}
 
 
-def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path) -> Path:
+# The figures' prompts per world: three, two and three objects; the first is the attention figure's.
+FIGURE_PROMPTS: dict[str, list[str]] = {
+    "attributes": [
+        "a photo of a red circle, a blue square, and a green triangle.",
+        "a photo of a yellow cross and a purple circle.",
+        "a photo of a cyan square, a red cross, and a blue circle.",
+    ],
+    "nouns": [
+        "a photo of a red circle, a yellow square, and a green triangle.",
+        "a photo of a cyan cross and a blue circle.",
+        "a photo of a purple square, a green triangle, and a red circle.",
+    ],
+}
+
+
+def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout: Path, world: str) -> Path:
     """The report's figures through the visualize library: attention per arm, masks vs attention, a grid."""
     out = Path(s.out) / "figures"
     if (out / "figures.json").is_file():
@@ -190,17 +208,13 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
     model = ModelSettings(model=str(base), device="cpu")
     checkpoints = [f"{name}={ckpt}" for name, ckpt in arms.items() if ckpt is not None]
     common = dict(out=str(out), seed=s.seed, steps=s.sample_steps, guidance_scale=s.guidance_scale)
-    prompt = "a photo of a red circle, a blue square, and a green triangle."
+    prompts = FIGURE_PROMPTS[world]
+    prompt = prompts[0]
     for name, ckpt in arms.items():
         arm = dataclasses.replace(model, checkpoint=str(ckpt) if ckpt is not None else None)
         run_visualize(VisualizeSettings(figure="attention", model=arm, label=name, prompts=[prompt], **common))
     run_visualize(VisualizeSettings(figure="masks", model=model, checkpoints=checkpoints, data=str(heldout), num=3,
                                     timesteps=[300], **common))  # fmt: skip
-    prompts = [
-        prompt,
-        "a photo of a yellow cross and a purple circle.",
-        "a photo of a cyan square, a red cross, and a blue circle.",
-    ]
     run_visualize(VisualizeSettings(figure="grid", model=model, checkpoints=checkpoints, prompts=prompts, seeds=[0, 1],
                                     **common))  # fmt: skip
     return out  # loss curves: the report draws them from each run's metrics.jsonl
@@ -295,7 +309,12 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             "no shapes-world base model is shipped with this install; train one with "
             "`tokencompose pretrain` and pass it with --base runs/shapes_base/model"
         )
-    record = {**asdict(s), "base": str(base)}
+    if s.world is not None and s.world not in WORLDS:
+        raise UserError(f"world {s.world!r} is not a shapes world ({', '.join(WORLDS)})")
+    from tokencompose.pretrain.recipe import trained_world
+
+    world = s.world or trained_world(base)
+    record = {**asdict(s), "base": str(base), "world": world}
     _check_folder(out, record)
     atomic_write_text(out / "demo_settings.json", json.dumps(record, indent=2))
     arms_spec = [("control", 0.0, 0.0, 0.0), ("tokencompose", s.token_weight, s.pixel_weight, 0.0)]
@@ -306,16 +325,24 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     data = out / "data" / "train" / "metadata.jsonl"
     if not data.is_file():
         make_shapes_dataset(
-            data.parent, s.train_images, seed=s.seed + 1, size=64, min_objects=s.min_objects, max_objects=s.max_objects
+            data.parent,
+            s.train_images,
+            seed=s.seed + 1,
+            size=64,
+            min_objects=s.min_objects,
+            max_objects=s.max_objects,
+            world=world,
         )
     heldout = out / "data" / "heldout" / "metadata.jsonl"
     if not heldout.is_file():
-        make_shapes_dataset(heldout.parent, 8, seed=s.seed + 2, size=64, min_objects=2, max_objects=3)
+        make_shapes_dataset(heldout.parent, 8, seed=s.seed + 2, size=64, min_objects=2, max_objects=3, world=world)
     stages.update(1)
     prompts = out / "prompts.json"
     if not prompts.is_file():
         save_prompts(
-            sample_prompts(categories(), s.prompts, s.objects_per_prompt, seed=s.seed, text_fn=multigen_caption),
+            sample_prompts(
+                world_categories(world), s.prompts, s.objects_per_prompt, seed=s.seed, text_fn=multigen_caption
+            ),
             prompts,
         )
     stages.update(1)
@@ -328,16 +355,16 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     results = {}
     for name, ckpt in arms.items():
         stages.set_postfix_str(f"evaluating {name}")
-        results[name] = _evaluate(s, base, name, ckpt, prompts)
+        results[name] = _evaluate(s, base, name, ckpt, prompts, world)
         stages.update(1)
     if s.figures:
         stages.set_postfix_str("figures")
-        _figures(s, base, arms, heldout)
+        _figures(s, base, arms, heldout, world)
         stages.update(1)
     table = summarize(results)
     effect = paired_effect(results, prompts, s.images_per_prompt, s.seed)
     summary = {"kind": "summary", "table": table, "diff": effect, "mde": effect["mde"],
-               "verdict": verdict(table, effect), "base": str(base), "settings": asdict(s)}  # fmt: skip
+               "verdict": verdict(table, effect), "base": str(base), "world": world, "settings": asdict(s)}  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     build_report([out], out / "report.html", title="TokenCompose demo on the shapes world")
     stages.update(1)

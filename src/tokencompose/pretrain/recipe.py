@@ -403,6 +403,13 @@ def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = Non
     return export(cfg, work, Path(out) if out else work / "model")
 
 
+def trained_world(model: str | Path) -> str:
+    """The shapes world a base was trained on: its ``recipe.json``'s ``world`` (``attributes`` when it has none,
+    as bases trained before worlds existed, or a model not made by ``pretrain``)."""
+    recipe = Path(model) / "recipe.json"
+    return json.loads(recipe.read_text()).get("world", "attributes") if recipe.is_file() else "attributes"
+
+
 def load_pretrain_config(source: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """A recipe YAML (or the default recipe) + dotted ``key=value`` overrides -> :class:`PretrainConfig`.
 

@@ -152,6 +152,9 @@ def test_cli_prepare_shapes(tmp_path):
     recs = read_jsonl(tmp_path / "metadata.jsonl")
     assert len(recs) == 5 and all(r.phrases and all(p.box for p in r.phrases) for r in recs)
     assert Image.open(recs[0].image).size == (64, 64)
+    assert main(["prepare", "shapes", "--out", str(tmp_path / "n"), "--num", "5", "--world", "nouns"]) == 0
+    assert {p.text for r in read_jsonl(tmp_path / "n" / "metadata.jsonl") for p in r.phrases} <= set(S.WORLDS["nouns"])
+    assert main(["prepare", "shapes", "--out", str(tmp_path / "m"), "--world", "nouns", "--colors", "red,blue"]) == 2
 
 
 def test_nouns_world_scenes_hold_only_its_categories_and_attributes_world_is_the_default(tmp_path):

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--colors", default=None, help="comma-separated subset of the palette")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the shapes")
+    p.add_argument("--world", default=None, choices=["attributes", "nouns"],
+                   help="a named category set instead of --colors x --shapes: attributes (every colour in every "
+                        "shape) or nouns (one fixed shape per colour)")  # fmt: skip
     p.add_argument("--max-occlusion", type=float, default=0.1, help="largest hidden fraction of an object")
 
     p = sub.add_parser("coco", help="COCO 2017 captions + instance masks -> metadata.jsonl + masks")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             colors=args.colors.split(",") if args.colors else None,
             shapes=args.shapes.split(",") if args.shapes else None,
             max_occlusion=args.max_occlusion,
+            world=args.world,
         )
         print(f"wrote {args.num} scenes: {path}")
         return 0

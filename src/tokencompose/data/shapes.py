@@ -26,6 +26,7 @@ from tokencompose.data.official import save_mask
 from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete, read_marker
 from tokencompose.data.records import Phrase, Record, mask_box, write_jsonl
 from tokencompose.data.shapes_detect import COLORS, SHAPES, detect_shapes, label_components, shape_mask
+from tokencompose.errors import UserError
 
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 
@@ -227,6 +228,8 @@ def make_shapes_dataset(
     from PIL import Image
 
     out = Path(out)
+    if world is not None and (colors or shapes):
+        raise UserError("give a world or a subset of colours / shapes, not both (a world names its categories)")
     palette = {c: COLORS[c] for c in (colors or list(COLORS))}
     kw = dict(
         min_objects=min_objects,

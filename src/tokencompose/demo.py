@@ -118,13 +118,17 @@ def _check_folder(out: Path, record: dict[str, Any]) -> None:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"{out} is not empty and holds no demo run: choose another --out")
         return
+    from tokencompose.evaluation.provenance import first_mismatch
+
     old = json.loads(path.read_text())
-    for key, value in record.items():
-        if key not in _RESUMABLE and key in old and old[key] != value:
-            raise UserError(
-                f"{out} holds a demo run with other settings ({key} {old[key]!r} there, {value!r} now): "
-                "use another --out, or delete the folder to start over"
-            )
+    kept = [k for k in record if k not in _RESUMABLE and k in old]  # settings added since are not in old records
+    found = first_mismatch({k: old[k] for k in kept}, {k: record[k] for k in kept})
+    if found:
+        key, there, now = found
+        raise UserError(
+            f"{out} holds a demo run with other settings ({key} {there!r} there, {now!r} now): "
+            "use another --out, or delete the folder to start over"
+        )
 
 
 def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float, pixel: float, roi: float) -> Path:

@@ -134,3 +134,16 @@ def test_an_unknown_world_is_refused_in_one_line(tmp_path, capsys):
 def test_demo_settings_are_typed(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "steps=many"]) == 2
     assert "config key 'steps': expected an integer" in capsys.readouterr().err
+
+
+def test_a_base_is_a_folder_or_a_shipped_bases_name(tmp_path):
+    from tokencompose.demo import resolve_base, shipped_base
+    from tokencompose.errors import UserError
+
+    assert resolve_base(None) == shipped_base() and resolve_base(str(tmp_path)) == tmp_path
+    found = shipped_base("shapes_nouns16")
+    if found is None:
+        with pytest.raises(UserError, match="not in this install"):
+            resolve_base("shapes_nouns16")
+    else:
+        assert resolve_base("shapes_nouns16") == found

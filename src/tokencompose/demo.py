@@ -42,12 +42,28 @@ from tokencompose.visualize.run import VisualizeSettings, run_visualize
 log = logging.getLogger(__name__)
 
 
-def shipped_base() -> Path | None:
-    """The base model shipped as package data (``assets/shapes_base``), or None if absent."""
-    folder = resources.files("tokencompose") / "assets" / "shapes_base"
+# The bases shipped as package data (``assets/<name>``): the demo's default first.
+SHIPPED_BASES = ("shapes_base", "shapes_nouns16")
+
+
+def shipped_base(name: str = "shapes_base") -> Path | None:
+    """A base model shipped as package data (``assets/<name>``, one of :data:`SHIPPED_BASES`), or None if absent."""
+    folder = resources.files("tokencompose") / "assets" / name
     with resources.as_file(folder) as real:
         real = Path(real)
         return real if (real / "model_index.json").is_file() else None
+
+
+def resolve_base(base: str | None) -> Path | None:
+    """A base given as a folder, or by the name of a shipped base (``shapes_nouns16``); None = the default one."""
+    if not base:
+        return shipped_base()
+    if base in SHIPPED_BASES and not Path(base).exists():
+        found = shipped_base(base)
+        if found is None:
+            raise UserError(f"the shipped base {base} is not in this install (its weights were not exported)")
+        return found
+    return Path(base)
 
 
 @dataclass
@@ -57,7 +73,8 @@ class DemoSettings:
     out: str = "runs/demo"
     """Output folder; re-running resumes from it (a folder holding other settings is refused)."""
     base: str | None = None
-    """Base model folder (diffusers layout); None = the shipped shapes-world base."""
+    """Base model folder (diffusers layout), or a shipped base's name (``shapes_base``, ``shapes_nouns16``); None =
+    the shipped ``shapes_base``."""
     world: str | None = None
     """The shapes world of the scenes and prompts (``attributes`` | ``nouns``); None = the one the base was trained
     on (its ``recipe.json``)."""
@@ -307,7 +324,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = Path(s.base) if s.base else shipped_base()
+    base = resolve_base(s.base)
     if base is None:
         raise UserError(
             "no shapes-world base model is shipped with this install; train one with "

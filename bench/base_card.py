@@ -83,14 +83,15 @@ def main() -> None:
     blocks = " / ".join(f"{s}x{s}" for s in sizes)
     print(f"model: {model}; world {world}; UNet block resolutions {blocks}; {seconds:.0f} s\n")
     print("| K | images | all objects right | " + " | ".join(o.replace("_", " ") for o in OUTCOMES)
-          + " | failures missing + merged | unasked regions per image |")  # fmt: skip
-    print("|---" * (len(OUTCOMES) + 5) + "|")
+          + " | failures missing + merged | wrong shapes leaked | unasked regions per image |")  # fmt: skip
+    print("|---" * (len(OUTCOMES) + 6) + "|")
     for k, row in objects["by_k"].items():
         shares = row["failure_shares"]
         fused = "—" if shares is None else f"{100 * (shares['missing'] + shares['merged']):.0f}%"
+        leaked = "—" if row["wrong_shape_leaked"] is None else f"{100 * row['wrong_shape_leaked']:.0f}%"
         print(f"| {k} | {row['images']} | {row['all_correct']:.1f}% | "
               + " | ".join(f"{row['rates'][o]:.3f}" for o in OUTCOMES)
-              + f" | {fused} | {row['extra_per_image']:.2f} |")  # fmt: skip
+              + f" | {fused} | {leaked} | {row['extra_per_image']:.2f} |")  # fmt: skip
     multi = objects["multi"] or {}
     shares = multi.get("failure_shares") or {f: 0.0 for f in FAILURES}
     fused_share = shares["missing"] + shares["merged"]

@@ -42,6 +42,15 @@ def test_a_region_explains_one_object_only_and_leftovers_are_extra():
     assert out["extra"] == 1  # the purple circle explains no asked object
 
 
+def test_a_wrong_shape_borrowed_from_another_asked_object_is_leaked():
+    asked = ["red circle", "blue square", "green cross"]
+    leak = object_outcomes(asked, [_region(c) for c in ("red square", "blue square", "green cross")])
+    assert leak["objects"] == ["wrong_shape", "correct", "correct"] and leak["leaked_shapes"] == 1
+    own = object_outcomes(asked, [_region(c) for c in ("red triangle", "blue square", "green cross")])
+    assert own["objects"][0] == "wrong_shape" and own["leaked_shapes"] == 0  # a shape nobody asked for
+    assert object_outcomes(asked, [_region("red circle")])["leaked_shapes"] == 0
+
+
 def test_regions_at_or_below_the_threshold_do_not_count():
     regions = [_region("red circle", 0.1), _region("blue square", 0.11)]
     assert object_outcomes(["red circle", "blue square"], regions, threshold=0.1)["objects"] == ["missing", "correct"]

@@ -23,9 +23,11 @@ most one asked object; objects taken in prompt order within each pass, passes in
    its shape (two objects drawn as one blob with attributes of both);
 5. ``missing``: none of these: neither its colour nor its shape is anywhere in the image.
 
-Regions left unexplained are ``extra`` objects (drawn but not asked for). Per K: the percent of images with
-every object correct (the exact version of MG_K), each outcome's share of the asked objects (they sum to 1),
-each failure's share of the failures, and the dominant failure. K = 1's accuracy is the "single-object
+Regions left unexplained are ``extra`` objects (drawn but not asked for). A wrong shape that is another asked
+object's shape is counted as *leaked* (``wrong_shape_leaked``: their share of the wrong shapes): the shape word of
+one phrase drawn in the colour of another, attribute leakage rather than a badly drawn object. Per K: the percent
+of images with every object correct (the exact version of MG_K), each outcome's share of the asked objects (they
+sum to 1), each failure's share of the failures, and the dominant failure. K = 1's accuracy is the "single-object
 prompts right" figure of the base's model card.
 """
 
@@ -101,7 +103,13 @@ def object_outcomes(asked: Sequence[str], regions: Sequence[Region], threshold: 
                 k is not None and (reg[0] == color or reg[1] == shape) for reg, k in zip(kept, owner, strict=True)
             )
             outcome[j] = "merged" if fused else "missing"
-    return {"objects": outcome, "extra": sum(k is None for k in owner)}
+    # A wrong shape that is another asked object's shape: attribute leakage between the prompt's phrases.
+    leaked = sum(
+        outcome[k] == "wrong_shape" and any(reg[1] == o[1] for i, o in enumerate(wanted) if i != k)
+        for reg, k in zip(kept, owner, strict=True)
+        if k is not None
+    )
+    return {"objects": outcome, "extra": sum(k is None for k in owner), "leaked_shapes": leaked}
 
 
 def score_objects(
@@ -147,4 +155,7 @@ def _summary(verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "failure_shares": shares,
         "dominant_failure": max(FAILURES, key=lambda f: (shares[f], -FAILURES.index(f))) if shares else None,
         "extra_per_image": sum(v["extra"] for v in verdicts) / len(verdicts),
+        "wrong_shape_leaked": sum(v["leaked_shapes"] for v in verdicts) / wrong
+        if (wrong := outcomes.count("wrong_shape"))
+        else None,
     }

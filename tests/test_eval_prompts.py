@@ -43,6 +43,8 @@ def test_category_lists() -> None:
     assert len(ade) == 150 and len(set(ade)) == 150
     ade_mg = categories("ade20k_multigen")
     assert len(ade_mg) == 100 and set(ade_mg) <= set(ade)
+    assert len(categories("shapes")) == 24 and categories("shapes_attributes") == categories("shapes")
+    assert len(categories("shapes_nouns")) == 6 and set(categories("shapes_nouns")) < set(categories("shapes"))
 
 
 def test_articles_and_text() -> None:

@@ -14,7 +14,7 @@ from tokencompose.commands.options import add_model_options, add_settings_argume
 def add_prompt_options(p: argparse.ArgumentParser, allow_text: bool = False) -> None:
     g = p.add_argument_group("prompts")
     option(g, "--prompts", key="prompts.prompts", help="coco | ade20k (the paper's files) | a prompt JSON file")
-    option(g, "--categories", key="prompts.categories", help="sample prompts from: coco | ade20k | shapes | a file")
+    option(g, "--categories", key="prompts.categories", help="sample from coco|ade20k|shapes|shapes_nouns|a file")
     option(g, "--num-prompts", key="prompts.num_prompts", help="with --categories (default 100)")
     option(g, "--num-objects", key="prompts.num_objects", help="with --categories: K categories a prompt (<= 10)")
     option(g, "--prompt-seed", key="prompts.prompt_seed", help="with --categories")

@@ -79,14 +79,16 @@ def save_prompts(prompts: Sequence[Prompt], path: str | Path) -> None:
 
 def categories(name: str) -> list[str]:
     """A category list: ``coco`` (80), ``ade20k`` (150), ``coco_multigen`` / ``ade20k_multigen`` (the
-    categories the paper's prompt file uses, sorted), ``shapes`` (the shapes world), or a text file path
-    (one name a line)."""
+    categories the paper's prompt file uses, sorted), ``shapes`` (the shapes world's ``attributes`` categories),
+    ``shapes_nouns`` (its ``nouns`` world), or a text file path (one name a line)."""
     if name in CATEGORY_FILES:
         return _read_lines(_asset("categories", CATEGORY_FILES[name]))
     if name.endswith("_multigen") and name[: -len("_multigen")] in MULTIGEN_FILES:
         return vocabulary(load_prompts(name[: -len("_multigen")]))
     if name == "shapes":
         return shapes.categories()
+    if name.startswith("shapes_") and name[len("shapes_"):] in shapes.WORLDS:
+        return shapes.world_categories(name[len("shapes_"):])
     path = Path(name)
     if path.is_file():
         return _read_lines(path)
@@ -135,7 +137,7 @@ class PromptSettings:
     prompts: str | None = None
     """``coco`` | ``ade20k`` (the paper's MultiGen files) | a prompt JSON file; default ``coco``."""
     categories: str | None = None
-    """Sample new prompts from ``coco`` | ``ade20k`` | ``shapes`` | a text file of categories."""
+    """Sample new prompts from ``coco`` | ``ade20k`` | ``shapes`` | ``shapes_nouns`` | a text file of categories."""
     num_prompts: int = 100
     """With ``categories``: how many prompts."""
     num_objects: int = 5

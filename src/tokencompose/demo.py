@@ -22,7 +22,7 @@ from typing import Any
 
 from tokencompose.atomic import atomic_write_text
 from tokencompose.config import load_config
-from tokencompose.data.shapes import WORLDS, make_shapes_dataset, multigen_caption, world_categories
+from tokencompose.data.shapes import check_world, make_shapes_dataset, multigen_caption, world_categories
 from tokencompose.errors import UserError
 from tokencompose.evaluation.prompts import sample_prompts, save_prompts
 from tokencompose.evaluation.run import run_grounding, run_multigen
@@ -330,8 +330,8 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             "no shapes-world base model is shipped with this install; train one with "
             "`tokencompose pretrain` and pass it with --base runs/shapes_base/model"
         )
-    if s.world is not None and s.world not in WORLDS:
-        raise UserError(f"world {s.world!r} is not a shapes world ({', '.join(WORLDS)})")
+    if s.world is not None:
+        check_world(s.world)
     from tokencompose.pretrain.recipe import trained_world
 
     world = s.world or trained_world(base)

@@ -25,7 +25,14 @@ from tokencompose.captions import multigen_text
 from tokencompose.data.official import save_mask
 from tokencompose.data.outputs import atomic_write_text, claim_output_dir, count_lines, mark_complete, read_marker
 from tokencompose.data.records import Phrase, Record, mask_box, write_jsonl
-from tokencompose.data.shapes_detect import COLORS, SHAPES, detect_shapes, label_components, shape_mask
+from tokencompose.data.shapes_detect import (
+    COLORS,
+    SHAPES,
+    detect_shapes,
+    label_components,
+    shape_mask,
+    split_category,
+)
 from tokencompose.errors import UserError
 
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
@@ -48,6 +55,12 @@ WORLDS: dict[str, tuple[str, ...]] = {
     "attributes": tuple(categories()),
     "nouns": ("red circle", "yellow square", "green triangle", "cyan cross", "blue circle", "purple square"),
 }
+
+
+def check_world(world: str) -> None:
+    """A :class:`~tokencompose.errors.UserError` (one line, exit 2) unless ``world`` names one of :data:`WORLDS`."""
+    if world not in WORLDS:
+        raise UserError(f"world {world!r} is not a shapes world ({', '.join(WORLDS)})")
 
 
 def world_categories(world: str) -> list[str]:
@@ -123,7 +136,7 @@ def sample_scene(
     every one of ``colors`` x ``shapes``.
     """
     if world is not None:
-        cats = [(c, s) for c, s in (name.split(" ", 1) for name in world)]
+        cats = [split_category(name) for name in world]
     else:
         cats = [(c, s) for c in (colors or list(COLORS)) for s in (shapes or SHAPES)]
     k = int(rng.integers(min_objects, max_objects + 1))

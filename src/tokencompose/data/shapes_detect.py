@@ -42,6 +42,14 @@ SIGMA = 0.18  # shape-feature distance at which the shape score falls to exp(-1/
 SATURATION_MIN = 60  # max(R,G,B) - min(R,G,B) below this: background
 
 
+def split_category(category: str) -> tuple[str, str]:
+    """``"red circle"`` -> ``("red", "circle")``; a ValueError for a name that is not ``"<colour> <shape>"``."""
+    color, _, shape = category.partition(" ")
+    if not shape:
+        raise ValueError(f"{category!r} is not a '<colour> <shape>' category")
+    return color, shape
+
+
 def shape_mask(shape: str, cx: float, cy: float, size: float, height: int, width: int) -> np.ndarray:
     """Exact (aliased) bool ``[H, W]`` mask of a shape inscribed in a ``size``-sided square at ``(cx, cy)``."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres

@@ -87,8 +87,8 @@ def categories(name: str) -> list[str]:
         return vocabulary(load_prompts(name[: -len("_multigen")]))
     if name == "shapes":
         return shapes.categories()
-    if name.startswith("shapes_") and name[len("shapes_"):] in shapes.WORLDS:
-        return shapes.world_categories(name[len("shapes_"):])
+    if name.startswith("shapes_") and name[len("shapes_") :] in shapes.WORLDS:
+        return shapes.world_categories(name[len("shapes_") :])
     path = Path(name)
     if path.is_file():
         return _read_lines(path)

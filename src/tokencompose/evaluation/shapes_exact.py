@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.captions import article
+from tokencompose.data.shapes_detect import split_category
 from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import image_name
 from tokencompose.evaluation.prompts import Prompt
@@ -69,13 +70,6 @@ def relation_of(prompt: Prompt) -> str:
     if len(found) != 1:
         raise UserError(f"prompt {prompt.uid} ({prompt.text!r}) is not 'a {a} <relation> a {b}' with a VISOR relation")
     return found[0]
-
-
-def split_category(category: str) -> tuple[str, str]:
-    color, _, shape = category.partition(" ")
-    if not shape:
-        raise ValueError(f"{category!r} is not a '<colour> <shape>' category")
-    return color, shape
 
 
 def spatial_prompts(num_prompts: int, seed: int = 0, categories: Sequence[str] | None = None) -> list[Prompt]:

@@ -89,10 +89,9 @@ def _check(s: ShapesExactSettings) -> None:
         raise UserError(f"num_prompts must be at least 1, got {s.num_prompts}")
     if s.generation.images_per_prompt < 1:
         raise UserError(f"images_per_prompt must be at least 1, got {s.generation.images_per_prompt}")
-    from tokencompose.data.shapes import WORLDS
+    from tokencompose.data.shapes import check_world
 
-    if s.world not in WORLDS:
-        raise UserError(f"world {s.world!r} is not a shapes world ({', '.join(WORLDS)})")
+    check_world(s.world)
     if not 0.0 <= s.threshold < 1.0:
         raise UserError(f"threshold must be in [0, 1) (exact-detector scores), got {s.threshold}")
 

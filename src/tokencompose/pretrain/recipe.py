@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencompose.atomic import atomic_write_text, atomic_writer
-from tokencompose.data.shapes import WORLDS, render_scene, scene_record, world_categories
+from tokencompose.data.shapes import check_world, render_scene, scene_record, world_categories
 from tokencompose.errors import UserError
 from tokencompose.losses import denoise_loss
 from tokencompose.models import Components, clip_tokenizer, save_text_encoder
@@ -390,8 +390,7 @@ def pretrain(cfg: PretrainConfig, work: str | Path, out: str | Path | None = Non
 
     A work folder begun with another recipe is refused (only the fields in ``_RESUMABLE`` may change).
     """
-    if cfg.world not in WORLDS:
-        raise UserError(f"world {cfg.world!r} is not a shapes world ({', '.join(WORLDS)})")
+    check_world(cfg.world)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     _check_work(cfg, work)

@@ -91,6 +91,12 @@ def test_smoke_report_contents(smoke_run):
     assert len(effect["diff"]) == len(effect["ci95"]) == len(summary["mde"]) == 5
     assert all(lo <= d <= hi for d, (lo, hi) in zip(effect["diff"], effect["ci95"], strict=True))
     assert "The effect" in page and "minimum detectable effect" in page and "TokenCompose − control" in page
+    # each paired difference is the difference of its two arms' MG_k (same prompts, same number of images)
+    mg = {name: row["mg"] for name, row in summary["table"].items()}
+    for key, reference in (("diff", "control"), ("diff_base", "base")):
+        got = summary[key]["diff"]
+        assert got == pytest.approx([t - r for t, r in zip(mg["tokencompose"], mg[reference], strict=True)], abs=1e-6)
+    assert "TokenCompose − base" in page and "TokenCompose - base: MG2" in summary["verdict"]
     # the exact shapes-world scores of every arm
     for name in ("base", "control", "tokencompose"):
         assert {"spatial", "binding"} <= set(summary["table"][name])

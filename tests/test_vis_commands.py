@@ -182,3 +182,19 @@ def test_bad_visualize_settings_are_one_line_exit_2(models, tmp_path, capsys, ar
     rc = main(["visualize", *argv, "--model", str(models / "base"), "--out", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+def test_scheduler_reaches_the_sampler(models, tmp_path, tiny):
+    from tokencompose.visualize.capture import sampling_pipeline
+
+    assert type(sampling_pipeline(tiny).scheduler).__name__ == "DDIMScheduler"  # auto: SD's figure sampler
+    assert type(sampling_pipeline(tiny, "dpm").scheduler).__name__ == "DPMSolverMultistepScheduler"
+    drawn = {}
+    for sampler in ("auto", "dpm"):
+        out = tmp_path / sampler
+        args = ["visualize", "attention", PROMPT, "--model", str(models / "base"), "--steps", "2", "--dpi", "60"]
+        assert main([*args, "--scheduler", sampler, "--out", str(out), "--device", "cpu"]) == 0
+        (entry,) = _manifest(out)
+        assert entry["settings"]["scheduler"] == sampler
+        drawn[sampler] = (out / entry["file"]).read_bytes()
+    assert drawn["auto"] != drawn["dpm"]  # two steps of another solver: another image

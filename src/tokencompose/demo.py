@@ -24,6 +24,7 @@ from tokencompose.atomic import atomic_write_text
 from tokencompose.config import load_config
 from tokencompose.data.shapes import check_world, make_shapes_dataset, multigen_caption, world_categories
 from tokencompose.errors import UserError
+from tokencompose.evaluation.generation import Sampler
 from tokencompose.evaluation.prompts import sample_prompts, save_prompts
 from tokencompose.evaluation.run import run_grounding, run_multigen
 from tokencompose.evaluation.settings import (
@@ -108,6 +109,8 @@ class DemoSettings:
     """Images per prompt, each with its own seed."""
     sample_steps: int = 25
     """Denoising steps when generating."""
+    scheduler: Sampler = "ddim"
+    """Sampler when generating (a :class:`GenerationSettings` choice: ``ddim``, ``dpm`` = DPM-Solver++, ...)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale when generating."""
     exact_prompts: int = 24
@@ -179,7 +182,8 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
                 model=model,
                 prompts=PromptSettings(prompts=str(prompts)),
                 generation=GenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance_scale, resolution=64,
-                                              images_per_prompt=s.images_per_prompt, scheduler="ddim", seed=s.seed),
+                                              images_per_prompt=s.images_per_prompt, scheduler=s.scheduler,
+                                              seed=s.seed),
                 detector=DetectorSettings(detector="shapes", queries="prompt"),
                 run=ShardSettings(batch_size=16),
             )
@@ -199,7 +203,8 @@ def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts
         )
 
         gen = ShapesGenerationSettings(steps=s.sample_steps, guidance_scale=s.guidance_scale, resolution=64,
-                                       images_per_prompt=s.images_per_prompt, seed=s.seed)  # fmt: skip
+                                       images_per_prompt=s.images_per_prompt, scheduler=s.scheduler,
+                                       seed=s.seed)  # fmt: skip
         run_shapes_exact(ShapesExactSettings(out=str(exact.parent), name=name, model=model, generation=gen,
                                              num_prompts=s.exact_prompts, prompt_seed=s.seed, world=world,
                                              run=ShardSettings(batch_size=16)))  # fmt: skip
@@ -228,7 +233,9 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
         return out
     model = ModelSettings(model=str(base), device="cpu")
     checkpoints = [f"{name}={ckpt}" for name, ckpt in arms.items() if ckpt is not None]
-    common = dict(out=str(out), seed=s.seed, steps=s.sample_steps, guidance_scale=s.guidance_scale)
+    common = dict(
+        out=str(out), seed=s.seed, steps=s.sample_steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler
+    )
     prompts = FIGURE_PROMPTS[world]
     prompt = prompts[0]
     for name, ckpt in arms.items():
@@ -261,20 +268,23 @@ def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
     return table
 
 
-def paired_effect(results: dict[str, dict[str, Path]], prompts: Path, images_per_prompt: int, seed: int) -> dict:
-    """TokenCompose minus control on MG_k, image for image (same prompts and seeds): difference, CI, MDE."""
+def paired_effect(
+    results: dict[str, dict[str, Path]], prompts: Path, images_per_prompt: int, seed: int, reference: str = "control"
+) -> dict:
+    """TokenCompose minus ``reference`` (the control, or the base) on MG_k, image for image (same prompts and
+    seeds): difference, CI, MDE."""
     from tokencompose.evaluation.prompts import load_prompts
     from tokencompose.evaluation.results import read_detections
     from tokencompose.evaluation.scoring import found_counts, paired_difference
 
     plist = load_prompts(prompts)
     counts = {}
-    for arm in ("tokencompose", "control"):
+    for arm in ("tokencompose", reference):
         mg = results[arm]["multigen"]
         threshold = json.loads(mg.read_text())["threshold"]
         counts[arm] = found_counts(read_detections(mg.parent), plist, images_per_prompt, threshold)
     k = max(len(p.categories) for p in plist)
-    return paired_difference(counts["tokencompose"], counts["control"], k, seed=seed)
+    return paired_difference(counts["tokencompose"], counts[reference], k, seed=seed)
 
 
 def _points(value: float | None) -> str:
@@ -282,12 +292,19 @@ def _points(value: float | None) -> str:
     return "undefined (no spread)" if value is None else f"{value:.1f}"
 
 
-def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
+def _cells(effect: dict[str, Any]) -> str:
+    """``MG2 +1.0 [-2.0, +4.0]; MG3 ...``: a paired difference per MG_k (MG2..MG_K) with its 95% CI."""
+    d, ci = effect["diff"], effect["ci95"]
+    return "; ".join(f"MG{k + 1} {d[k]:+.1f} [{ci[k][0]:+.1f}, {ci[k][1]:+.1f}]" for k in range(1, len(d)))
+
+
+def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None, against_base: dict | None = None) -> str:
     """A plain statement of whether TokenCompose beat the control: the paired MG_k differences and grounding.
 
     With ``effect`` (:func:`paired_effect`) the verdict is the difference TokenCompose - control per MG_k with its
     95% CI (a CI above zero is a win on that k, below zero a loss) and the minimum detectable effect; without
-    it, the older comparison of each arm's own CIs.
+    it, the older comparison of each arm's own CIs. ``against_base`` (:func:`paired_effect` with the base as
+    reference) adds TokenCompose - base: whether the fine-tuned model draws more than the one it started from.
     """
     tc, ctl = table.get("tokencompose", {}), table.get("control", {})
     if not tc.get("mg") or not ctl.get("mg"):
@@ -299,8 +316,6 @@ def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
         ks = range(1, len(effect["diff"]))  # MG2..MG_K, as the paper reports
         won = [f"MG{k + 1}" for k in ks if effect["ci95"][k][0] > 0]
         lost = [f"MG{k + 1}" for k in ks if effect["ci95"][k][1] < 0]
-        d, ci = effect["diff"], effect["ci95"]
-        cells = "; ".join(f"MG{k + 1} {d[k]:+.1f} [{ci[k][0]:+.1f}, {ci[k][1]:+.1f}]" for k in ks)
         mde = ", ".join(f"MG{k + 1} {_points(effect['mde'][k])}" for k in ks)
         if won and not lost:
             head = f"TokenCompose beat the control on {', '.join(won)} (95% CI of the paired difference above zero)"
@@ -310,9 +325,14 @@ def verdict(table: dict[str, Any], effect: dict[str, Any] | None = None) -> str:
             head = f"TokenCompose beat the control on {', '.join(won)} and did worse on {', '.join(lost)}"
         else:
             head = "No MG_k difference between TokenCompose and the control is distinguishable from zero"
+        base = (
+            f" Against the base it was fine-tuned from, TokenCompose - base: {_cells(against_base)}."
+            if against_base
+            else ""
+        )
         return (f"{head}. TokenCompose - control, percentage points with 95% CIs over "
-                f"{effect['num_prompts']} prompts: {cells}. This design detects true differences of {mde} points "
-                f"(80% power). TokenCompose {grounding}.")  # fmt: skip
+                f"{effect['num_prompts']} prompts: {_cells(effect)}. This design detects true differences of {mde} "
+                f"points (80% power).{base} TokenCompose {grounding}.")  # fmt: skip
     d_mg = round(sum(tc["mg"][1:]) - sum(ctl["mg"][1:]), 2)  # percentages: 0.01 is below one image
     mg_word = "beat" if d_mg > 0 else ("tied with" if d_mg == 0 else "did not beat")
     return f"TokenCompose {mg_word} the control on MultiGen (sum of MG2..MG5 {d_mg:+.2f} points) and {grounding}."
@@ -384,8 +404,10 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         stages.update(1)
     table = summarize(results)
     effect = paired_effect(results, prompts, s.images_per_prompt, s.seed)
-    summary = {"kind": "summary", "table": table, "diff": effect, "mde": effect["mde"],
-               "verdict": verdict(table, effect), "base": str(base), "world": world, "settings": asdict(s)}  # fmt: skip
+    against_base = paired_effect(results, prompts, s.images_per_prompt, s.seed, reference="base")
+    summary = {"kind": "summary", "table": table, "diff": effect, "mde": effect["mde"], "diff_base": against_base,
+               "verdict": verdict(table, effect, against_base), "base": str(base), "world": world,
+               "settings": asdict(s)}  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     build_report([out], out / "report.html", title="TokenCompose demo on the shapes world")
     stages.update(1)

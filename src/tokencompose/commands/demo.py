@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'TC - control':<18} " + " ".join(f"{v:+7.2f}" for v in effect["diff"][:5]))
         mde = (f"{v:7.2f}" if v is not None else f"{'-':>7}" for v in effect["mde"][:5])  # None: no spread
         print(f"{'  MDE (80% power)':<18} " + " ".join(mde))
+    if (summary.get("diff_base") or {}).get("diff"):
+        print(f"{'TC - base':<18} " + " ".join(f"{v:+7.2f}" for v in summary["diff_base"]["diff"][:5]))
     print()
     print(summary["verdict"])
     print(f"report: {settings.out}/report.html")

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option(p, "--image", key="image", help="use this image (noised at --timesteps) instead of generating")
     option(p, "--steps", key="steps")
     option(p, "--guidance-scale", key="guidance_scale")
+    option(p, "--scheduler", key="scheduler", help="sampler: auto (the family's: DDIM for SD) | dpm | ddim | ...")
     option(p, "--t-range", key="t_range", metavar="LO,HI", help="denoising timesteps to average (0..1000)")
     option(p, "--timesteps", key="timesteps", help="with --image: noise timesteps to average (400)")
     option(p, "--words", key="words", help="only these comma-separated words/phrases (default: every word)")
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option(p, "--seeds", key="seeds", help="comma-separated seeds (0)")
     option(p, "--steps", key="steps")
     option(p, "--guidance-scale", key="guidance_scale")
+    option(p, "--scheduler", key="scheduler", help="sampler: auto (the family's: DDIM for SD) | dpm | ddim | ...")
     option(p, "--name", key="name", help="file name (without .png)")
     _common(p)
 

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "generation.json"
 
 
+Sampler = Literal["auto", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm", "default"]
+"""The samplers a generating command takes (see :class:`GenerationSettings`.scheduler)."""
+
+
 @dataclass
 class GenerationSettings:
     """How images are sampled; the paper's settings are the defaults (50 PNDM steps, CFG 7.5, 10 per prompt)."""
@@ -50,7 +54,7 @@ class GenerationSettings:
     """Image height and width in pixels; None: the model's native size (UNet sample size x VAE factor)."""
     images_per_prompt: int = 10
     """Images per prompt, each with its own seed."""
-    scheduler: Literal["auto", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm", "default"] = "auto"
+    scheduler: Sampler = "auto"
     """Sampler: ``auto`` (the family's: PNDM for SD / SDXL as the paper, the model's own flow-matching scheduler for
     SD3 / Flux; recorded as what it resolved to) | ``pndm`` | ``ddim`` | ``ddpm`` | ``euler`` | ``euler-ancestral`` |
     ``dpm`` | ``default`` (the model folder's own)."""

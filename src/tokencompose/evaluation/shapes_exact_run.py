@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokencompose.errors import UserError
-from tokencompose.evaluation.generation import GenerationSettings, image_name
+from tokencompose.evaluation.generation import GenerationSettings, Sampler, image_name
 from tokencompose.evaluation.scoring import image_key
 from tokencompose.evaluation.shapes_exact import TASKS, detect_image, score_detections, task_prompts
 from tokencompose.loading import ModelSettings
@@ -27,9 +26,6 @@ from tokencompose.sharding import ShardSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("spatial", "attribute")  # what the demo and the suite report; ``objects`` on request
-
-
-_Scheduler = typing.get_type_hints(GenerationSettings)["scheduler"]  # the same choices, another default
 
 
 @dataclass
@@ -46,7 +42,7 @@ class ShapesGenerationSettings(GenerationSettings):
     """Classifier-free guidance scale."""
     images_per_prompt: int = 4
     """Images per prompt (VISOR_k counts k = 1..this)."""
-    scheduler: _Scheduler = "ddim"
+    scheduler: Sampler = "ddim"
     """Sampler (see :class:`GenerationSettings`)."""
 
 

@@ -107,10 +107,11 @@ def attention_from_prompt(
     device: Any = "cpu",
     label: str = "",
     normalize: str = "text",
+    scheduler: str = "auto",
 ) -> Path:
     """Generate ``prompt`` with capture and write the per-word attention figure into ``out`` (a folder)."""
     image, maps, used = capture.generate_with_attention(
-        comps, prompt, seed, steps, guidance, size, layers, None, t_range, device, normalize=normalize
+        comps, prompt, seed, steps, guidance, size, layers, None, t_range, device, scheduler, normalize
     )
     log.info("attention averaged over %d steps (timesteps %s..%s)", len(used), used[-1], used[0])
     title = f"{label + ': ' if label else ''}{prompt} (seed {seed})"
@@ -245,12 +246,13 @@ def model_grid(
     dpi: int = 150,
     device: Any = "cpu",
     name: str = "grid",
+    scheduler: str = "auto",
 ) -> Path:
     """Same prompts and seeds for every model; models side by side, one row per (prompt, seed)."""
     images: dict[str, list[np.ndarray]] = {}
     for label, settings in models:
         comps = load_model(settings)
-        pipe = capture.sampling_pipeline(comps).to(device)
+        pipe = capture.sampling_pipeline(comps, scheduler).to(device)
         rows = []
         for prompt in prompts:
             rows.extend(capture.seed_images(comps, prompt, seeds, steps, guidance, size, device, pipe=pipe))

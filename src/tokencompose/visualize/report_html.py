@@ -50,21 +50,30 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
             parts.append('<p class="meta">MG<sub>k</sub> in percent with 95% bootstrap CIs over prompts; mIoU is the '
                          "best over the threshold sweep; both are detailed below.</p>")  # fmt: skip
         if isinstance(s.get("diff"), dict):
-            parts.append(_effect_table(s["diff"]))
+            parts.append(_effect_table(s["diff"], s.get("diff_base")))
         parts.extend(f"<p>{esc(str(n))}</p>" for n in s.get("notes", []))
     return "".join(parts)
 
 
-def _effect_table(effect: dict[str, Any]) -> str:
-    """TokenCompose - control per MG_k (paired, with its 95% CI) and what the design can detect."""
-    diff, ci, mde, need = (effect.get(k) or [] for k in ("diff", "ci95", "mde", "prompts_for_5"))
+def _with_ci(effect: dict[str, Any]) -> list[str]:
+    """Each MG_k's paired difference with its 95% CI, as table cells."""
+    pairs = zip(effect.get("diff") or [], effect.get("ci95") or [], strict=False)
+    return [f"{_num(d, '{:+.2f}')}<span class=\"ci\">[{_num(c[0], '{:+.2f}')}, {_num(c[1], '{:+.2f}')}]</span>"
+            for d, c in pairs]  # fmt: skip
+
+
+def _effect_table(effect: dict[str, Any], against_base: dict[str, Any] | None = None) -> str:
+    """TokenCompose - control per MG_k (paired, with its 95% CI), what the design can detect, and (when given)
+    TokenCompose - base."""
+    diff, mde, need = (effect.get(k) or [] for k in ("diff", "mde", "prompts_for_5"))
     head = ["", *(f"MG{k}" for k in range(1, len(diff) + 1))]
     cells = [
-        ("TokenCompose − control", [f"{_num(d, '{:+.2f}')}<span class=\"ci\">[{_num(c[0], '{:+.2f}')}, "
-                                    f"{_num(c[1], '{:+.2f}')}]</span>" for d, c in zip(diff, ci, strict=False)]),
+        ("TokenCompose − control", _with_ci(effect)),
         ("minimum detectable effect", [_num(m) for m in mde]),
         ("prompts for a 5-point MDE", [esc(n if n is not None else "–") for n in need]),
-    ]  # fmt: skip
+    ]
+    if against_base:
+        cells.append(("TokenCompose − base", _with_ci(against_base)))
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
     rows = "".join(f"<tr><td>{esc(name)}</td>" + "".join(f'<td class="num">{v}</td>' for v in vals) + "</tr>"
                    for name, vals in cells)  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from tokencompose.errors import UserError
+from tokencompose.evaluation.generation import Sampler
 from tokencompose.loading import ModelSettings, load_model, resolve_device
 from tokencompose.typed_data import to_dict
 from tokencompose.visualize import make
@@ -51,6 +52,9 @@ class VisualizeSettings:
     """Denoising steps when generating."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale when generating."""
+    scheduler: Sampler = "auto"
+    """Sampler when generating: ``auto`` = the family's figure sampler (DDIM for SD), else a
+    :class:`~tokencompose.evaluation.generation.GenerationSettings` choice (``dpm``, ...)."""
     t_range: list[int] = field(default_factory=list)
     """attention: denoising timesteps LO,HI whose attention is averaged (default: every step)."""
     timesteps: list[int] = field(default_factory=lambda: [400])
@@ -141,7 +145,7 @@ def _draw(s: VisualizeSettings) -> list[Path]:
             return [make.attention_from_image(comps, s.image, s.prompts[0], out, s.seed, s.timesteps, **common)]
         t_range = (float(s.t_range[0]), float(s.t_range[1])) if s.t_range else None
         return [make.attention_from_prompt(comps, s.prompts[0], out, s.seed, s.steps, s.guidance_scale,
-                                           t_range=t_range, **common)]  # fmt: skip
+                                           t_range=t_range, scheduler=s.scheduler, **common)]  # fmt: skip
     models = figure_models(s)
     if s.figure == "masks":
         if not s.data:
@@ -156,4 +160,4 @@ def _draw(s: VisualizeSettings) -> list[Path]:
         raise UserError("grid needs prompts (--prompt or --prompts-file)")
     out.mkdir(parents=True, exist_ok=True)
     return [make.model_grid(models, prompts, out, s.seeds, s.steps, s.guidance_scale, s.resolution, s.dpi, device,
-                            s.name)]  # fmt: skip
+                            s.name, s.scheduler)]  # fmt: skip

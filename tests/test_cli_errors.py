@@ -23,6 +23,10 @@ def _cases(model: str, out: str) -> list[tuple[list[str], str]]:
         (["evaluate", "multigen", "--out", out, "--model", model, "--detector", "nonsense"], "nonsense"),
         (["evaluate", "grounding", "--out", out, "--model", model], "--data"),
         (["evaluate", "grounding", "--out", out, "--model", model, "--data", "/no/such.jsonl"], "does not exist"),
+        (
+            ["evaluate", "grounding", "--out", out, "--model", model, "--shapes", "2", "--shapes-world", "animals"],
+            "not a shapes world",
+        ),
         (["visualize", "grid", "--model", model, "--prompt", "a", "--seeds", "x"], "seeds"),
         (["visualize", "attention", "a cat", "--model", model, "--checkpoint", "/no/such"], "does not exist"),
         (["demo", "--out", out, "steps=lots"], "steps"),
@@ -34,7 +38,7 @@ def _cases(model: str, out: str) -> list[tuple[list[str], str]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(20))
 def test_user_mistake_is_one_line_exit_2(case: int, model_dir: Path, tmp_path: Path, capsys) -> None:
     argv, words = _cases(str(model_dir), str(tmp_path / "out"))[case]
     with pytest.raises(SystemExit) if argv[:2] == ["prepare", "shapes"] else _NoRaise() as raised:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tokencompose.data.dataset import TokenDataset, collate
-from tokencompose.data.shapes import make_shapes_dataset
+from tokencompose.data.shapes import check_world, make_shapes_dataset
 from tokencompose.errors import UserError
 from tokencompose.evaluation.detectors import default_template, detector_kind, load_detector
 from tokencompose.evaluation.generation import GenerationReport, generate_images
@@ -233,6 +233,8 @@ def check_grounding_data(s: GroundingSettings, command: str) -> None:
         raise UserError(f"{command} needs exactly one of --data (a metadata.jsonl) or --shapes N")
     if s.data is not None and not Path(s.data).is_file():
         raise UserError(f"grounding data {s.data} does not exist (give a metadata.jsonl with phrase masks)")
+    if s.shapes is not None:
+        check_world(s.shapes_world)
 
 
 def grounding_dataset(s: GroundingSettings, comps: Any, tmp: str) -> tuple[Any, dict[str, Any], int, int]:

@@ -4,7 +4,8 @@
 
 Each seed is a full demo run (new training scenes, prompts and training noise; the same base and settings)
 in ``OUT/seed_<s>/`` (re-running resumes). Afterwards it prints, per MG_k, the paired difference
-TokenCompose - control of every seed with its 95% CI, their mean ± std over seeds, the grounding mIoU
+TokenCompose - control of every seed with its 95% CI, their mean ± std over seeds, the mean's pooled 95% CI
+and MDE (independent runs: ``scoring.pooled_difference``), TokenCompose - base pooled alike, the grounding mIoU
 difference, the exact spatial / colour-binding scores and the wall time, and writes ``OUT/replicates.json``.
 The model card lists which seeds chose the settings (design) and which gave the verdict (never used while
 choosing).
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from tokencompose.demo import DemoSettings, run_demo
+from tokencompose.evaluation.scoring import pooled_difference
 from tokencompose.typed_data import load_settings
 
 
@@ -39,6 +41,7 @@ def main() -> None:
         rows.append({"seed": seed, "seconds": round(seconds, 1), "diff": summary["diff"],
                      "miou": {k: t[k].get("miou") for k in t}, "spatial": {k: t[k].get("spatial") for k in t},
                      "binding": {k: t[k].get("binding") for k in t}, "mg": {k: t[k].get("mg") for k in t},
+                     "diff_base": summary.get("diff_base"),
                      "verdict": summary["verdict"]})  # fmt: skip
         print(f"seed {seed}: {seconds:.0f} s; {summary['verdict']}", flush=True)
     k = len(rows[0]["diff"]["diff"])
@@ -49,6 +52,11 @@ def main() -> None:
         "mean_diff": [],
         "std_diff": [],
     }
+    # the seeds' mean with its sampling error (independent runs): what the verdict over seeds can detect
+    pooled = pooled_difference([r["diff"] for r in rows])
+    report["pooled"] = pooled
+    if all(r.get("diff_base") for r in rows):
+        report["pooled_base"] = pooled_difference([r["diff_base"] for r in rows])
     print("\nTokenCompose - control (percentage points), per seed [95% CI]; mean ± std over seeds")
     for j in range(1, k):
         vals = [r["diff"]["diff"][j] for r in rows]
@@ -59,7 +67,10 @@ def main() -> None:
         mde = f"{statistics.fmean(mdes):.1f}" if mdes else "undefined"
         report["mean_diff"].append(statistics.fmean(vals))
         report["std_diff"].append(sd)
-        print(f"MG{j + 1}: {cells}; mean {statistics.fmean(vals):+.2f} ± {sd:.2f}; MDE per run {mde}")
+        ci, pmde = pooled["ci95"][j], pooled["mde"][j]
+        both = (f"pooled [{ci[0]:+.2f}, {ci[1]:+.2f}], MDE {pmde:.1f}" if ci is not None and pmde is not None
+                else "pooled: undefined (no spread)")  # fmt: skip
+        print(f"MG{j + 1}: {cells}; mean {statistics.fmean(vals):+.2f} ± {sd:.2f}; MDE per run {mde}; {both}")
     d_miou = [r["miou"]["tokencompose"] - r["miou"]["control"] for r in rows]
     print(f"grounding mIoU TC - control: {statistics.fmean(d_miou):+.3f} ± {statistics.pstdev(d_miou):.3f}")
     for key in ("spatial", "binding"):
@@ -67,6 +78,11 @@ def main() -> None:
             vals = [r[key][arm] for r in rows if r[key].get(arm) is not None]
             if vals:
                 print(f"{key} {arm}: {statistics.fmean(vals):.3f} (per seed {', '.join(f'{v:.3f}' for v in vals)})")
+    if "pooled_base" in report:
+        pb = report["pooled_base"]
+        cells = "; ".join(f"MG{j + 1} {pb['diff'][j]:+.2f}" + (f" [{pb['ci95'][j][0]:+.2f}, {pb['ci95'][j][1]:+.2f}]"
+                          if pb["ci95"][j] is not None else "") for j in range(1, k))  # fmt: skip
+        print(f"TokenCompose - base, pooled over seeds: {cells}")
     print(f"wall time per run: {', '.join(str(r['seconds']) for r in rows)} s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "replicates.json").write_text(json.dumps(report, indent=2))

@@ -150,3 +150,24 @@ def test_base_card_script_tiny(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert set(card["objects"]["by_k"]) == {"1", "2", "3", "4"} and card["grounding"]["num_pairs"] > 0
     assert card["attention_sizes"][0] == 8  # the tiny UNet's latent side
+
+
+def test_demo_replicates_script_tiny(tmp_path):
+    """bench/demo_replicates.py (the verdict over seeds) runs two tiny demos and pools their differences."""
+    import json
+
+    from tokencompose.models import tiny_components
+
+    tiny_components(seed=0).save(tmp_path / "base")
+    (tmp_path / "base" / "recipe.json").write_text(json.dumps({"world": "nouns"}))
+    sizes = ["train_images=8", "steps=1", "batch_size=4", "prompts=3", "images_per_prompt=1", "sample_steps=1",
+             "grounding_images=2", "exact_prompts=0", f"base={tmp_path / 'base'}"]  # fmt: skip
+    out = tmp_path / "rep"
+    proc = subprocess.run([sys.executable, str(BENCH / "demo_replicates.py"), "--seeds", "3,4", "--out", str(out),
+                           *sizes], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "replicates.json").read_text())
+    assert report["seeds"] == [3, 4] and report["pooled"]["runs"] == 2 and report["pooled_base"]["runs"] == 2
+    diffs = [r["diff"]["diff"] for r in report["runs"]]
+    assert report["pooled"]["diff"] == pytest.approx([(a + b) / 2 for a, b in zip(*diffs, strict=True)])
+    assert "TokenCompose - base, pooled over seeds" in proc.stdout

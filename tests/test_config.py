@@ -75,6 +75,7 @@ def test_overrides_are_typed():
         ("optim.lr=-1", "optim.lr"),
         ("train.grad_checkpointing=maybe", "train.grad_checkpointing"),
         ("loss.roi_weight=-0.1", "loss.roi_weight"),
+        ("data.caption_dropout=1.0", "data.caption_dropout"),
         ("train.lora.rank.x=1", "train.lora.rank"),
         ("noequals", "noequals"),
     ],

@@ -109,6 +109,31 @@ def test_flip_moves_image_masks_and_boxes_together(tmp_path, tok):
     assert f["boxes"][0].tolist() == [64 - 30, 20, 64 - 10, 40]
 
 
+def test_caption_dropout_trains_the_empty_caption_without_phrases(tmp_path, tok):
+    from tokencompose.train.data import SeededSamples
+
+    scene(tmp_path, "a", w=64, h=64)
+    kw = dict(image_size=64, attention_sizes=[(64, 64)], flip=True)
+    plain = SeededSamples(TokenDataset([rec(tmp_path, "a")], tok, **kw), seed=3)
+    dropping = SeededSamples(TokenDataset([rec(tmp_path, "a")], tok, caption_dropout=0.5, **kw), seed=3)
+    empty = tok("", padding="max_length", max_length=77, truncation=True)["input_ids"]
+    dropped = 0
+    for key in range(16):  # epochs 0..15 of the one record
+        a, b = plain[key], dropping[key]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])  # drawn after the flip: the flips stay the same
+        if b["caption"] == "":
+            dropped += 1
+            assert b["input_ids"].tolist() == empty and b["positions"] == [] and b["phrases"] == []
+            assert b["dropped"] == []  # the design's choice, not a data problem
+        else:
+            assert torch.equal(a["input_ids"], b["input_ids"]) and a["positions"] == b["positions"]
+        again = dropping[key]  # (seed, epoch, index) decides: a resumed run draws the same
+        assert again["caption"] == b["caption"]
+    assert 0 < dropped < 16
+    batch = collate([dropping[k] for k in range(16)])
+    assert batch["token_valid"][[c == "" for c in batch["captions"]]].sum() == 0  # no supervised phrase there
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "L16"])
 def test_mask_file_formats(tmp_path, tok, mode):
     """Gray, RGB or RGBA (as matplotlib saves) masks: first channel, scaled by its max, binarised."""

@@ -109,3 +109,24 @@ def test_paired_difference_matches_hand_computation_and_its_power_arithmetic():
     assert paired_difference(a[:1], b[:1], max_k=2)["mde"] == [None, None]  # one prompt
     with pytest.raises(ValueError, match="shape"):
         paired_difference(a, b[:3], max_k=2)
+
+
+def test_pooled_difference_of_independent_runs():
+    import numpy as np
+
+    from tokencompose.evaluation.scoring import Z_ALPHA, Z_POWER, paired_difference, pooled_difference
+
+    runs = [{"diff": [1.0, 4.0], "se": [0.5, 2.0]}, {"diff": [3.0, 10.0], "se": [None, 3.0]}]
+    out = pooled_difference(runs)
+    assert out["diff"] == pytest.approx([2.0, 7.0]) and out["std"][1] == pytest.approx(np.std([4.0, 10.0], ddof=1))
+    se = np.sqrt(2.0**2 + 3.0**2) / 2  # the mean of two independent estimates
+    assert out["se"][1] == pytest.approx(se) and out["mde"][1] == pytest.approx((Z_ALPHA + Z_POWER) * se)
+    assert out["ci95"][1] == pytest.approx([7.0 - Z_ALPHA * se, 7.0 + Z_ALPHA * se])
+    assert out["se"][0] is None and out["ci95"][0] is None and out["runs"] == 2  # one run without spread there
+    # R runs of equal precision: the MDE shrinks by sqrt(R); one run pools to itself
+    rng = np.random.default_rng(0)
+    one = paired_difference(rng.integers(0, 3, (40, 4)), rng.integers(0, 3, (40, 4)), max_k=2)
+    assert pooled_difference([one])["mde"] == pytest.approx(one["mde"])
+    assert pooled_difference([one] * 3)["mde"] == pytest.approx([m / np.sqrt(3) for m in one["mde"]])
+    with pytest.raises(ValueError):
+        pooled_difference([])

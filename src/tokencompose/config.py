@@ -77,6 +77,10 @@ class DataConfig:
     """DataLoader worker processes (0 = load in the training process)."""
     flip: bool = False
     """Random horizontal flip (off in the paper; not with a latent cache)."""
+    caption_dropout: float = 0.0
+    """Share of samples trained on the empty caption (denoising loss only; their phrases are not supervised), so
+    the unconditional prediction classifier-free guidance subtracts keeps being trained. 0 in the paper (SD 1.4's
+    unconditional branch is robust to a short fine-tune); a small base trained with dropout needs it (the demo)."""
     shuffle: bool = True
     """Shuffle every epoch (a fixed permutation per (seed, epoch): resumable)."""
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
@@ -237,6 +241,7 @@ class Config:
 _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("model.path", lambda v: bool(v), "must not be empty"),
     ("data.image_size", lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8"),
+    ("data.caption_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
     ("data.shapes.num", lambda v: v >= 0, "must be >= 0"),
     ("loss.token_weight", lambda v: v >= 0, "must be >= 0"),

@@ -94,6 +94,12 @@ class DemoSettings:
     """Training batch size."""
     lr: float = 1e-4
     """Learning rate of each arm."""
+    caption_dropout: float = 0.0
+    """Share of training samples on the empty caption (denoising only), as in the base's pretraining, so the
+    unconditional branch that classifier-free guidance subtracts keeps up with the fine-tuned weights."""
+    ema: float = 0.0
+    """EMA decay of each arm's UNet weights; > 0 keeps the average and evaluates it (the arms' weights are then
+    their EMA, as the base's are); 0: the last step's weights."""
     token_weight: float = 5e-2
     """lambda: weight of the token loss in the TokenCompose arm."""
     pixel_weight: float = 2.5e-3
@@ -157,10 +163,16 @@ def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float,
         {
             "run_dir": str(Path(s.out) / "runs" / name),
             "model": {"path": str(base)},
-            "data": {"path": str(data), "image_size": 64, "num_workers": 0},
+            "data": {"path": str(data), "image_size": 64, "num_workers": 0, "caption_dropout": s.caption_dropout},
             "loss": {"token_weight": token, "pixel_weight": pixel, "roi_weight": roi, "layers": ["mid", "up"]},
             "optim": {"lr": s.lr, "warmup_steps": min(20, s.steps)},
-            "train": {"batch_size": s.batch_size, "grad_accum": 1, "max_steps": s.steps, "seed": s.seed},
+            "train": {
+                "batch_size": s.batch_size,
+                "grad_accum": 1,
+                "max_steps": s.steps,
+                "seed": s.seed,
+                "ema": {"enabled": s.ema > 0, "decay": s.ema if s.ema > 0 else 0.9999},
+            },
             "log": {"every": max(1, min(10, s.steps)), "tensorboard": False},
             "checkpoint": {"every": max(1, s.steps // 2), "keep_last": 1},
         }
@@ -172,7 +184,8 @@ def _train_arm(s: DemoSettings, base: Path, data: Path, name: str, token: float,
 def _evaluate(s: DemoSettings, base: Path, name: str, ckpt: Path | None, prompts: Path, world: str) -> dict[str, Path]:
     """MultiGen and grounding of one arm through the evaluation library (skipped when already scored)."""
     out = Path(s.out) / "eval" / name
-    model = ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu")
+    model = ModelSettings(model=str(base), checkpoint=str(ckpt) if ckpt is not None else None, device="cpu",
+                          ema=s.ema > 0 and ckpt is not None)  # fmt: skip
     mg = out / "multigen" / "results.json"
     if not mg.is_file():
         run_multigen(
@@ -231,7 +244,7 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
     out = Path(s.out) / "figures"
     if (out / "figures.json").is_file():
         return out
-    model = ModelSettings(model=str(base), device="cpu")
+    model = ModelSettings(model=str(base), device="cpu", ema=s.ema > 0)  # the base itself has no EMA to choose
     checkpoints = [f"{name}={ckpt}" for name, ckpt in arms.items() if ckpt is not None]
     common = dict(
         out=str(out), seed=s.seed, steps=s.sample_steps, guidance_scale=s.guidance_scale, scheduler=s.scheduler

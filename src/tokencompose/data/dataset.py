@@ -53,6 +53,8 @@ class TokenDataset(torch.utils.data.Dataset):
             come from ``spans``.
         spans: phrase -> positions in the maps' text columns, or the drop reason (the model family's
             :meth:`~tokencompose.families.base.Family.span_finder`); default: ``tokenizer``'s CLIP rule.
+        caption_dropout: probability that a sample comes with the empty caption and no phrases (drawn from the
+            per-sample RNG after the flip, so it is resumable; nothing is drawn at 0).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class TokenDataset(torch.utils.data.Dataset):
         root: str | Path | None = None,
         text_inputs: dict[str, Any] | None = None,
         spans: SpanFinder | None = None,
+        caption_dropout: float = 0.0,
     ) -> None:
         if isinstance(records_or_jsonl_path, str | Path):
             self.source: Any = JsonlIndex(records_or_jsonl_path, root)
@@ -80,6 +83,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.image_size = int(image_size)
         self.attention_sizes = [tuple(s) for s in (attention_sizes or _default_sizes(self.image_size))]
         self.flip = bool(flip)
+        self.caption_dropout = float(caption_dropout)
         if latent_cache is not None:
             if not isinstance(latent_cache, LatentCache):
                 latent_cache = LatentCache(latent_cache)
@@ -152,10 +156,14 @@ class TokenDataset(torch.utils.data.Dataset):
         flip = self.flip and bool(torch.rand(()) < 0.5)
         if flip and "pixel_values" in sample:
             sample["pixel_values"] = sample["pixel_values"].flip(-1)
+        # Classifier-free guidance's unconditional branch: an empty caption has no phrases to supervise.
+        uncond = self.caption_dropout > 0 and bool(torch.rand(()) < self.caption_dropout)
+        caption = "" if uncond else rec.caption
+        sample["caption"] = caption
 
         positions, masks, boxes, box_valid, texts = [], [], [], [], []
         seen: set[str] = set()
-        for ph in rec.phrases:
+        for ph in () if uncond else rec.phrases:
             key = ph.text.strip().lower()
             if key in seen:
                 dropped.append(R.DUPLICATE_PHRASE)
@@ -164,7 +172,7 @@ class TokenDataset(torch.utils.data.Dataset):
             if ph.mask is None:
                 dropped.append(R.NULL_MASK)
                 continue
-            pos, reason = self.spans(rec.caption, ph.text)
+            pos, reason = self.spans(caption, ph.text)
             if pos is None:
                 R.note_drop(dropped, reason, "dropping phrase %r of %s: %s", ph.text, rec.image, reason)
                 continue
@@ -191,7 +199,7 @@ class TokenDataset(torch.utils.data.Dataset):
             boxes.append(box if box is not None else (0.0, 0.0, 0.0, 0.0))
             box_valid.append(box is not None)
             texts.append(ph.text)
-        if not positions:
+        if not positions and not uncond:
             dropped.append(R.NO_USABLE_PHRASE)
         stacked = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, s, s, dtype=torch.bool)
         sample["masks"] = masks_at_resolutions(stacked, self.attention_sizes)
@@ -201,7 +209,7 @@ class TokenDataset(torch.utils.data.Dataset):
         sample["phrases"] = texts
         for key, tok in self.text_inputs.items():
             n = int(getattr(tok, "model_max_length", self.max_length))
-            ids = tok(rec.caption, padding="max_length", max_length=n, truncation=True)["input_ids"]
+            ids = tok(caption, padding="max_length", max_length=n, truncation=True)["input_ids"]
             sample[key] = torch.tensor(ids, dtype=torch.long)
         # SDXL's micro-conditioning reads the real resize and crop (Podell et al. 2023, sec. 2.2).
         new_w, _, left, top, _, _ = geom

@@ -171,6 +171,32 @@ def paired_difference(
     }
 
 
+def pooled_difference(effects: list[dict[str, Any]]) -> dict[str, list]:
+    """The mean of independent runs' paired differences (:func:`paired_difference`, same prompt count each).
+
+    Runs are independent (their own training seeds, scenes and prompts), so the mean over R runs has standard
+    error ``sqrt(sum_r se_r^2) / R``; CI ``mean +- z_0.975 se`` and MDE ``(z_0.975 + z_0.8) se`` as for one run.
+    This is the error of sampling prompts and images given the trained models; the spread between training seeds
+    is reported beside it (``std``), not folded in. A k where any run's ``se`` is undefined has None there.
+    """
+    if not effects:
+        raise ValueError("no runs to pool")
+    diff = np.array([e["diff"] for e in effects], dtype=float)  # [R, K]
+    se_runs = np.array([[np.nan if v is None else v for v in e["se"]] for e in effects], dtype=float)
+    r = diff.shape[0]
+    se = np.sqrt((se_runs**2).sum(axis=0)) / r
+    mean = diff.mean(axis=0)
+    ci = np.stack([mean - Z_ALPHA * se, mean + Z_ALPHA * se], axis=1)
+    return {
+        "diff": mean.tolist(),
+        "std": (diff.std(axis=0, ddof=1) if r > 1 else np.zeros_like(mean)).tolist(),
+        "ci95": [[float(lo), float(hi)] if np.isfinite(lo) else None for lo, hi in ci],
+        "se": _finite_or_none(se),
+        "mde": _finite_or_none((Z_ALPHA + Z_POWER) * se),
+        "runs": r,
+    }
+
+
 def _finite_or_none(values: np.ndarray) -> list[float | None]:
     """A list for JSON: NaN (undefined) becomes None, which strict JSON readers accept."""
     return [float(v) if np.isfinite(v) else None for v in values]

@@ -247,5 +247,6 @@ def build_dataset(cfg: Config, comps: Any, sizes: list[tuple[int, int]]) -> tupl
         **family.dataset_text(comps, cfg.loss.text_spans),
         latent_cache=cfg.data.latent_cache,
         flip=cfg.data.flip,
+        caption_dropout=cfg.data.caption_dropout,
     )
     return dataset, collate

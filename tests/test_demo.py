@@ -146,7 +146,7 @@ def test_a_base_is_a_folder_or_a_shipped_bases_name(tmp_path):
     from tokencompose.demo import resolve_base, shipped_base
     from tokencompose.errors import UserError
 
-    assert resolve_base(None) == shipped_base() and resolve_base(str(tmp_path)) == tmp_path
+    assert resolve_base(None) == shipped_base("shapes_nouns16") and resolve_base(str(tmp_path)) == tmp_path
     found = shipped_base("shapes_nouns16")
     if found is None:
         with pytest.raises(UserError, match="not in this install"):

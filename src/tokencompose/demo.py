@@ -269,7 +269,7 @@ def _figures(s: DemoSettings, base: Path, arms: dict[str, Path | None], heldout:
 
 
 def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
-    """``{model: {"mg": [...], "mg_ci": [...], "miou": x, "auroc": y}}`` from the result files."""
+    """``{model: {"mg": [...], "mg_ci": [...], "miou": x, "auroc": y, "map_corr": z, ...}}`` from the result files."""
     table = {}
     for name, files in results.items():
         row: dict[str, Any] = {}
@@ -280,6 +280,7 @@ def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
         if files["grounding"].is_file():
             g = json.loads(files["grounding"].read_text())["scores"]
             row["miou"], row["auroc"] = g.get("best_miou"), g.get("auroc")
+            row["map_corr"] = g.get("map_correlation")  # do the phrases' maps differ (1: all alike)
         if files.get("exact") is not None and files["exact"].is_file():
             ex = json.loads(files["exact"].read_text())["scores"]
             row["spatial"] = (ex.get("spatial") or {}).get("visor_uncond")

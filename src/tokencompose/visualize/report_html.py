@@ -28,7 +28,9 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
         if table:
             kmax = max((len(r.get("mg") or []) for r in table.values()), default=0)
             exact = any("binding" in r or "spatial" in r for r in table.values())
+            corr = any("map_corr" in r for r in table.values())
             head = ["model", *(f"MG{k}" for k in range(1, kmax + 1)), "mIoU", "AUROC"]
+            head += ["phrase-map correlation"] if corr else []
             head += ["spatial (VISOR)", "colour binding"] if exact else []
             rows = []
             for name, r in table.items():
@@ -41,6 +43,8 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
                     cells.append(f'<td class="num">{text}</td>')
                 cells += [f'<td class="num">{_num(r.get("miou"), "{:.3f}")}</td>']
                 cells += [f'<td class="num">{_num(r.get("auroc"), "{:.3f}")}</td>']
+                if corr:
+                    cells += [f'<td class="num">{_num(r.get("map_corr"), "{:.3f}")}</td>']
                 if exact:
                     cells += [f'<td class="num">{_num(r.get("spatial"))}</td>']
                     cells += [f'<td class="num">{_num(r.get("binding"), "{:.3f}")}</td>']
@@ -48,7 +52,9 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
             th = "".join(f"<th>{esc(h)}</th>" for h in head)
             parts.append(f"<table><tr>{th}</tr>{''.join(rows)}</table>")
             parts.append('<p class="meta">MG<sub>k</sub> in percent with 95% bootstrap CIs over prompts; mIoU is the '
-                         "best over the threshold sweep; both are detailed below.</p>")  # fmt: skip
+                         "best over the threshold sweep; both are detailed below. Phrase-map correlation: between "
+                         "the attention maps of two phrases of one image (1: every phrase looks at the same "
+                         "place).</p>")  # fmt: skip
         if isinstance(s.get("diff"), dict):
             parts.append(_effect_table(s["diff"], s.get("diff_base")))
         parts.extend(f"<p>{esc(str(n))}</p>" for n in s.get("notes", []))

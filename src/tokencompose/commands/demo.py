@@ -7,12 +7,12 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder; re-running resumes from it")
-    parser.add_argument("--base", default=None, help="base model folder (default: the shipped shapes-world base)")
+    parser.add_argument("--base", default=None, help="base model folder or shipped base name (default: shapes_nouns16)")
     parser.add_argument("--smoke", action="store_true", help="a tiny version (about a minute): checks the wiring")
     parser.add_argument("--roi", action="store_true", help="add a third arm: TokenCompose + ROI-token alignment")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument(
-        "settings", nargs="*", metavar="key=value", help="override a demo setting, e.g. steps=500 token_weight=1e-3"
+        "settings", nargs="*", metavar="key=value", help="override a demo setting, e.g. steps=500 token_weight=5e-3"
     )
 
 

@@ -64,7 +64,7 @@ def main() -> None:
             tiny_components(seed=0).save(model)
         args.prompts, args.images, args.scenes = 4, 1, 4
     if model is None:
-        from tokencompose.demo import shipped_base
+        from tokencompose.shipped import shipped_base
 
         model = str(shipped_base())
     world = args.world or trained_world(model)

@@ -143,8 +143,9 @@ def test_demo_settings_are_typed(tmp_path, capsys):
 
 
 def test_a_base_is_a_folder_or_a_shipped_bases_name(tmp_path):
-    from tokencompose.demo import resolve_base, shipped_base
+    from tokencompose.demo import resolve_base
     from tokencompose.errors import UserError
+    from tokencompose.shipped import shipped_base
 
     assert resolve_base(None) == shipped_base("shapes_nouns16") and resolve_base(str(tmp_path)) == tmp_path
     found = shipped_base("shapes_nouns16")

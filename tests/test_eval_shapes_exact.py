@@ -223,7 +223,7 @@ def test_attribute_prompts_differ_in_colour_and_shape():
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """The shipped shapes base if this checkout has it, else a tiny random model in diffusers layout."""
-    from tokencompose.demo import shipped_base
+    from tokencompose.shipped import shipped_base
 
     base = shipped_base()
     if base is not None:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tokencompose.demo import SHIPPED_BASES, shipped_base
+from tokencompose.shipped import SHIPPED_BASES, shipped_base
 
 
 @pytest.fixture(params=SHIPPED_BASES)
@@ -72,3 +72,16 @@ def test_base_loads_under_transformers_4_too(base):
     from test_models import check_portable
 
     check_portable(base)
+
+
+def test_a_model_setting_takes_a_shipped_bases_name(tmp_path, monkeypatch):
+    from tokencompose.loading import ModelSettings
+
+    for name in SHIPPED_BASES:
+        folder = shipped_base(name)
+        if folder is not None:
+            assert ModelSettings(model=name).model == str(folder)  # what results record: the folder
+    assert ModelSettings(model="org/some-model").model == "org/some-model"  # hub ids and folders unchanged
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / SHIPPED_BASES[0]).mkdir()
+    assert ModelSettings(model=SHIPPED_BASES[0]).model == SHIPPED_BASES[0]  # a local folder of that name wins

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +36,12 @@ from tokencompose.evaluation.settings import (
     ShardSettings,
 )
 from tokencompose.loading import ModelSettings
+from tokencompose.shipped import SHIPPED_BASES, shipped_base
 from tokencompose.train import train
 from tokencompose.visualize.report import build_report
 from tokencompose.visualize.run import VisualizeSettings, run_visualize
 
 log = logging.getLogger(__name__)
-
-
-# The bases shipped as package data (``assets/<name>``): the demo's default first (the nouns-world base, whose
-# multi-object failures are missing objects as SD 1.4's are; ``shapes_base`` is what other commands default to).
-SHIPPED_BASES = ("shapes_nouns16", "shapes_base")
-
-
-def shipped_base(name: str = "shapes_base") -> Path | None:
-    """A base model shipped as package data (``assets/<name>``, one of :data:`SHIPPED_BASES`), or None if absent."""
-    folder = resources.files("tokencompose") / "assets" / name
-    with resources.as_file(folder) as real:
-        real = Path(real)
-        return real if (real / "model_index.json").is_file() else None
 
 
 def resolve_base(base: str | None) -> Path | None:

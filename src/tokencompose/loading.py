@@ -19,6 +19,7 @@ import torch
 from tokencompose.errors import UserError
 from tokencompose.families import family_of, resolve_family
 from tokencompose.models import load_components
+from tokencompose.shipped import resolve_shipped
 
 SCHEDULERS = ("default", "pndm", "ddim", "ddpm", "euler", "euler-ancestral", "dpm")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,7 +31,8 @@ class ModelSettings:
     """Which model to run, and where."""
 
     model: str = ""
-    """Base model: diffusers-layout folder or hub id."""
+    """Base model: diffusers-layout folder, hub id, or a shipped base's name (``shapes_nouns16``, ``shapes_base``:
+    its folder in this install)."""
     checkpoint: str | None = None
     """A training checkpoint of ours (``step-N/``: full UNet or LoRA, found automatically), or a UNet folder."""
     ema: bool = False
@@ -43,6 +45,9 @@ class ModelSettings:
     """Weights' precision; ``auto``: fp16 on CUDA, fp32 elsewhere."""
     family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
     """Architecture: ``auto`` reads the base's ``model_index.json``; ``sd`` (1.x / 2.x) | ``sdxl``."""
+
+    def __post_init__(self) -> None:
+        self.model = resolve_shipped(self.model)  # a shipped base by name: the folder is what results record
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -22,6 +22,7 @@ from tokencompose.evaluation.scoring import image_key
 from tokencompose.evaluation.shapes_exact import TASKS, detect_image, score_detections, task_prompts
 from tokencompose.loading import ModelSettings
 from tokencompose.sharding import ShardSettings
+from tokencompose.shipped import shipped_base
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def _model(s: ShapesExactSettings) -> ModelSettings:
     """The settings' model, or the shipped shapes base when none is named."""
     if s.model.model:
         return s.model
-    from tokencompose.demo import shipped_base  # lazy: the demo module imports the whole evaluation stack
-
     base = shipped_base()
     if base is None:
         raise UserError("no model given and no shapes-world base is shipped with this install: pass --model")

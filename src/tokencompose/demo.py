@@ -36,7 +36,7 @@ from tokencompose.evaluation.settings import (
     ShardSettings,
 )
 from tokencompose.loading import ModelSettings
-from tokencompose.shipped import SHIPPED_BASES, shipped_base
+from tokencompose.shipped import SHIPPED_BASES, resolve_shipped, shipped_base
 from tokencompose.train import train
 from tokencompose.visualize.report import build_report
 from tokencompose.visualize.run import VisualizeSettings, run_visualize
@@ -48,12 +48,7 @@ def resolve_base(base: str | None) -> Path | None:
     """A base given as a folder, or by the name of a shipped base (``shapes_nouns16``); None = the default one."""
     if not base:
         return shipped_base(SHIPPED_BASES[0])
-    if base in SHIPPED_BASES and not Path(base).exists():
-        found = shipped_base(base)
-        if found is None:
-            raise UserError(f"the shipped base {base} is not in this install (its weights were not exported)")
-        return found
-    return Path(base)
+    return Path(resolve_shipped(base))
 
 
 @dataclass

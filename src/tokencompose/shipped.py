@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from tokencompose.errors import UserError
+
 # The demo's default first (the nouns-world base, whose multi-object failures are missing objects as SD 1.4's
 # are); ``shapes_base`` is what the commands that default to a shipped base use (``evaluate shapes``).
 SHIPPED_BASES = ("shapes_nouns16", "shapes_base")
@@ -23,9 +25,13 @@ def shipped_base(name: str = "shapes_base") -> Path | None:
 
 
 def resolve_shipped(model: str) -> str:
-    """A shipped base's name -> its folder (when no local path has that name); anything else unchanged."""
+    """A shipped base's name -> its folder (when no local path has that name); anything else unchanged.
+
+    A shipped name whose weights this install lacks is a :class:`UserError`, not a hub id to try offline.
+    """
     if model in SHIPPED_BASES and not Path(model).exists():
         found = shipped_base(model)
-        if found is not None:
-            return str(found)
+        if found is None:
+            raise UserError(f"the shipped base {model} is not in this install (its weights were not exported)")
+        return str(found)
     return model

@@ -9,8 +9,9 @@ Runs, through the library (re-running resumes the image generation):
    demo's sampler, the exact detector; per K the share of asked objects that came out correct / wrong shape /
    wrong colour / merged / missing (:mod:`tokencompose.evaluation.shapes_errors`), and K = 1's accuracy;
 2. ``evaluate grounding --shapes N``: phrase attention against the rendered masks at timesteps 200 and 500 (the
-   demo's) and the mean correlation between the maps of two phrases of one image (how distinct its tokens' maps
-   are);
+   demo's), the mean correlation between the maps of two phrases of one image (how alike its tokens' maps are)
+   and the specificity (how often a phrase's map is higher on its own object than on another named object of
+   the image: 0.5 is chance -- do the tokens' maps differ the right way);
 
 then prints the card's table in markdown and writes ``OUT/card.json``. The issue's criteria are printed beside
 it: single-object prompts right >= 95%, multi-object failures dominantly missing or merged, maps distinct.
@@ -97,8 +98,12 @@ def main() -> None:
     fused_share = shares["missing"] + shares["merged"]
     print(
         f"\ngrounding (timesteps 200, 500; {args.scenes} scenes): best mIoU {gr['best_miou']:.3f}, AUROC "
-        f"{gr['auroc']:.3f}, correlation between phrases' maps {gr['map_correlation']:.3f} ({gr['num_pairs']} pairs)"
+        f"{gr['auroc']:.3f}, correlation between phrases' maps {gr['map_correlation']:.3f} ({gr['num_pairs']} pairs), "
+        f"specificity {gr['specificity']:.3f} ({2 * gr['num_pairs']} ordered pairs)"
     )
+    # Binomial SE over ordered pairs: optimistic (pairs of one image are not independent), so the bar is 3 SEs.
+    spec, pairs = gr["specificity"], 2 * gr["num_pairs"]
+    se = (0.25 / max(pairs, 1)) ** 0.5
     single = objects["single_object_accuracy"]
     print("\nissue #20's criteria:")
     print(f"  single-object prompts right >= 95%: {single:.1f}% -> {'yes' if single >= 95 else 'no'}")
@@ -107,9 +112,13 @@ def main() -> None:
         f"(dominant single kind: {multi.get('dominant_failure')}) -> {'yes' if fused_share > 0.5 else 'no'}"
     )
     print(f"  attention at >= 16x16: {sizes[0]}x{sizes[0]} -> {'yes' if sizes[0] >= 16 else 'no'}")
+    print(
+        f"  per-token maps differ, each on its own object: specificity {spec:.3f} vs chance 0.5 (3 SE = "
+        f"{3 * se:.3f}) -> {'yes' if spec - 0.5 > 3 * se else 'no'}"
+    )
     record = {"model": model, "world": world, "attention_sizes": sizes, "seconds": round(seconds, 1),
               "objects": objects,
-              "grounding": {k: gr[k] for k in ("best_miou", "auroc", "map_correlation", "num_pairs")},
+              "grounding": {k: gr[k] for k in ("best_miou", "auroc", "map_correlation", "specificity", "num_pairs")},
               "prompts": args.prompts, "images_per_prompt": args.images, "scenes": args.scenes}  # fmt: skip
     (out / "card.json").write_text(json.dumps(record, indent=2))
 

@@ -30,6 +30,7 @@ def test_smoke_demo_writes_every_stage(smoke_run):
         row = summary["table"][name]
         assert len(row["mg"]) == 5 and all(0 <= v <= 100 for v in row["mg"])
         assert 0 <= row["miou"] <= 1 and 0 <= row["auroc"] <= 1 and -1 <= row["map_corr"] <= 1
+        assert 0 <= row["specificity"] <= 1
     # control and TokenCompose trained the same steps from the same base; only the loss differs
     import yaml
 
@@ -100,7 +101,7 @@ def test_smoke_report_contents(smoke_run):
     # the exact shapes-world scores of every arm
     for name in ("base", "control", "tokencompose"):
         assert {"spatial", "binding"} <= set(summary["table"][name])
-    assert "colour binding" in page and "phrase-map correlation" in page
+    assert "colour binding" in page and "phrase-map correlation" in page and "Specificity" in page
 
 
 def test_smoke_rerun_resumes_without_redoing_work(smoke_run):

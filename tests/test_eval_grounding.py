@@ -13,6 +13,7 @@ from tokencompose.evaluation.grounding import (
     iou_sweep,
     phrase_correlation,
     phrase_score_maps,
+    phrase_specificity,
     summarize,
     valid_phrases,
 )
@@ -99,6 +100,33 @@ def test_phrase_correlation_is_pearson_over_valid_pairs_of_one_image() -> None:
     assert s["map_correlation"] == pytest.approx(float(np.mean(want)), abs=1e-6) and s["num_pairs"] == 4
 
 
+def test_phrase_specificity_counts_own_object_wins_over_ordered_pairs() -> None:
+    g = torch.Generator().manual_seed(1)
+    b, p, n = 3, 3, 40
+    scores = torch.rand(b, p, n, generator=g)
+    masks = torch.rand(b, p, n, generator=g) > 0.7
+    valid = torch.tensor([[True, True, True], [True, False, True], [True, True, False]])
+    got = phrase_specificity(scores, masks, valid)
+    want = []  # brute force, ordered pairs in (image, map i, mask j) order
+    for k in range(b):
+        for i in range(p):
+            for j in range(p):
+                if i != j and valid[k, i] and valid[k, j]:
+                    mi = scores[k, i][masks[k, i]].mean()
+                    mj = scores[k, i][masks[k, j]].mean()
+                    want.append(float(mi > mj) + 0.5 * float(mi == mj))
+    assert got.tolist() == want and len(want) == 6 + 2 + 2
+    # A per-phrase affine map (the metric's min-max normalisation) changes nothing.
+    assert phrase_specificity(3 * scores + 1, masks, valid).tolist() == want
+    # Every map lights all objects alike: chance, 0.5; each map on its own object only: 1.
+    union = masks.any(1, keepdim=True).float().expand(b, p, n)
+    assert phrase_specificity(union, masks & ~masks.roll(1, 1) & ~masks.roll(2, 1), valid).unique().tolist() == [0.5]
+    disjoint = masks & ~masks.roll(1, 1) & ~masks.roll(2, 1)
+    assert phrase_specificity(disjoint.float(), disjoint, valid).unique().tolist() == [1.0]
+    s = summarize(torch.ones(1, 2), torch.ones(2), [0.5], spec=got)
+    assert s["specificity"] == pytest.approx(sum(want) / len(want), abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def shapes_loader_parts(tmp_path_factory: pytest.TempPathFactory):
     from tokencompose.data.dataset import TokenDataset
@@ -125,6 +153,7 @@ def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
     assert set(r2["per_timestep"]) == {"100", "500"}
     assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0
     assert r2["num_pairs"] > 0 and -1.0 <= r2["map_correlation"] <= 1.0
+    assert 0.0 <= r2["specificity"] <= 1.0
     # Per-sample seeded noise: the batch size does not change the scores. mIoU thresholds the maps, so
     # batch-size-dependent float rounding may move a pixel across a threshold (seen: 6e-5 with torch 2.8);
     # noise that depended on the batch would move it far more.

@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     nan = float("nan")
     print(f"{'model':<18} {'MG1':>7} {'MG2':>7} {'MG3':>7} {'MG4':>7} {'MG5':>7} {'mIoU':>7} {'AUROC':>7} "
-          f"{'mapcorr':>7} {'spatial':>7} {'binding':>7}")  # fmt: skip
+          f"{'mapcorr':>7} {'specif':>7} {'spatial':>7} {'binding':>7}")  # fmt: skip
     for name, row in summary["table"].items():
         mg = row.get("mg") or [nan] * 5
         cells = " ".join(f"{v:7.2f}" for v in mg[:5])
-        extra = [row.get(k) for k in ("miou", "auroc", "map_corr", "spatial", "binding")]
-        fmts = ("7.4f", "7.4f", "7.3f", "7.2f", "7.3f")
+        extra = [row.get(k) for k in ("miou", "auroc", "map_corr", "specificity", "spatial", "binding")]
+        fmts = ("7.4f", "7.4f", "7.3f", "7.3f", "7.2f", "7.3f")
         more = " ".join(format(nan if v is None else v, f) for v, f in zip(extra, fmts, strict=True))
         print(f"{name:<18} {cells} {more}")
     effect = summary.get("diff") or {}

@@ -117,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "grounding":
         grounding = settings_from_args(GroundingSettings, args)
         s = R.run_grounding(grounding)["scores"]
-        corr = "n/a" if s.get("map_correlation") is None else f"{s['map_correlation']:.3f}"
+        corr, spec = ("n/a" if s.get(k) is None else f"{s[k]:.3f}" for k in ("map_correlation", "specificity"))
         print(f"{grounding.out}/results.json: best mIoU {s['best_miou']:.4f} (thr {s['best_threshold']:g}), "
-              f"AUROC {s['auroc']:.4f}, correlation between phrases' maps {corr}")  # fmt: skip
+              f"AUROC {s['auroc']:.4f}, correlation between phrases' maps {corr}, "
+              f"specificity {spec} (own object over another's; chance 0.5)")  # fmt: skip
         return 0
     settings = settings_from_args(MultiGenSettings, args)
     if args.rescore:

@@ -6,7 +6,8 @@ aggregate each phrase's attention (the shared phrase map of ``tokencompose.maps`
 layers of a resolution, sum over the phrase's tokens; then bilinear upsampling to the evaluation size,
 mean over resolutions), normalise it to [0, 1] per phrase, and score it against the phrase mask: mean
 IoU over a threshold sweep and AUROC; and how alike the phrases' maps of one image are (mean Pearson
-correlation over phrase pairs, ``map_correlation``: near 1, every token lights the same region).
+correlation over phrase pairs, ``map_correlation``: near 1, every token lights the same region) and whether each
+phrase's map prefers its own object to the image's other named objects (``specificity``: 0.5 is chance).
 
 The pure functions take tensors; :func:`evaluate_grounding` runs the model. Shapes: ``B`` batch,
 ``P`` phrases, ``T`` tokens per phrase, ``H`` heads, ``N = h*w`` positions, ``L`` text tokens.
@@ -104,6 +105,24 @@ def phrase_correlation(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return corr[valid[:, :, None] & valid[:, None, :] & upper]
 
 
+def phrase_specificity(scores: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Does phrase i's map prefer object i to object j? ``[M]`` over ordered pairs (i, j), i != j, of one image.
+
+    ``scores`` ``[B, P, N]``, ``masks`` bool ``[B, P, N]``, ``valid`` bool ``[B, P]``. For phrase i's map, the
+    mean score inside mask i against the mean inside mask j: 1 if higher, 0 if lower, 0.5 on a tie. Means, not
+    sums, so a large object does not win by its area; a per-phrase affine normalisation leaves it unchanged.
+    Correlation says whether two maps differ; this says whether they differ the right way: a map that lights
+    every object equally scores 0.5 (chance), one on its own object 1.
+    """
+    m = masks.float()
+    inside = torch.einsum("bpn,bqn->bpq", scores.float(), m) / m.sum(-1)[:, None, :].clamp(min=1)  # [B, P, P]
+    own = inside.diagonal(dim1=1, dim2=2)[:, :, None]  # [B, P, 1]: map i on mask i
+    wins = (own > inside).float() + 0.5 * (own == inside).float()  # [B, P(map), P(mask)]
+    p = scores.shape[1]
+    other = ~torch.eye(p, dtype=torch.bool, device=scores.device)
+    return wins[valid[:, :, None] & valid[:, None, :] & other]
+
+
 def valid_phrases(token_valid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Phrases that can be scored: ``[B, P]`` -- has tokens, mask neither empty nor everything."""
     area = masks.sum(-1)
@@ -111,10 +130,15 @@ def valid_phrases(token_valid: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
 
 
 def summarize(
-    ious: torch.Tensor, aucs: torch.Tensor, thresholds: Sequence[float], corr: torch.Tensor | None = None
+    ious: torch.Tensor,
+    aucs: torch.Tensor,
+    thresholds: Sequence[float],
+    corr: torch.Tensor | None = None,
+    spec: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """``ious [Tn, M]``, ``aucs [M]`` (, ``corr [pairs]``) -> mean IoU per threshold, best, mean AUROC, phrase
-    count (, mean correlation between phrases' maps and the number of pairs; None without pairs)."""
+    """``ious [Tn, M]``, ``aucs [M]`` (, ``corr [pairs]``, ``spec [ordered pairs]``) -> mean IoU per threshold,
+    best, mean AUROC, phrase count (, mean correlation between phrases' maps and the number of pairs; the mean
+    specificity; None without pairs)."""
     miou = ious.mean(dim=1) if ious.shape[1] else torch.full((len(thresholds),), float("nan"))
     out = {
         "thresholds": list(thresholds),
@@ -127,6 +151,8 @@ def summarize(
     if corr is not None:
         out["map_correlation"] = round(float(corr.mean()), 6) if corr.numel() else None
         out["num_pairs"] = int(corr.numel())
+    if spec is not None:
+        out["specificity"] = round(float(spec.mean()), 6) if spec.numel() else None
     return out
 
 
@@ -182,6 +208,7 @@ def evaluate_grounding_groups(
     ious: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     aucs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     corrs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
+    specs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
     sizes: dict[str, Size] = {}
     images = 0
     with AttentionCapture(unet, layers=captured, normalize=normalize) as cap:
@@ -216,12 +243,16 @@ def evaluate_grounding_groups(
                     ious[g][key].append(iou_sweep(pm, masks, valid, thresholds))
                     aucs[g][key].append(auroc(pm[valid], masks[valid]))
                     corrs[g][key].append(phrase_correlation(pm, valid))
+                    specs[g][key].append(phrase_specificity(pm, masks, valid))
             images += latents.shape[0]
     results = {}
     for g in groups:
         out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
         for key in keys:
-            s = summarize(torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds, torch.cat(corrs[g][key]))
+            s = summarize(
+                torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds,
+                torch.cat(corrs[g][key]), torch.cat(specs[g][key]),
+            )  # fmt: skip
             if key == "mean":
                 out.update(s)
             else:

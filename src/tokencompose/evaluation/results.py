@@ -150,6 +150,7 @@ def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 best_miou=max(r["scores"]["miou"]),
                 auroc=r["scores"]["auroc"],
                 map_correlation=r["scores"].get("map_correlation"),  # absent from results before 2026-12-03
+                specificity=r["scores"].get("specificity"),  # absent before 2026-12-04
                 timesteps=r["scores"].get("timesteps"),
             )
         elif r.get("kind") == "suite":
@@ -181,11 +182,13 @@ def markdown_table(table: Mapping[str, Any]) -> str:
     if gr:
         if lines:
             lines.append("")
-        head = ["model", "best mIoU", "AUROC", "map correlation", "timesteps"]
+        head = ["model", "best mIoU", "AUROC", "map correlation", "specificity", "timesteps"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in gr:
-            corr = "-" if r.get("map_correlation") is None else f"{r['map_correlation']:.3f}"
-            lines.append(f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {corr} | {r['timesteps']} |")
+            corr, spec = ("-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("map_correlation", "specificity"))
+            lines.append(
+                f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {corr} | {spec} | {r['timesteps']} |"
+            )
     for preset in dict.fromkeys(r["preset"] for r in table["rows"] if r["kind"] == "suite"):
         from tokencompose.evaluation.suite import suite_markdown  # lazy: the suite imports every metric
 

@@ -30,7 +30,9 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
             exact = any("binding" in r or "spatial" in r for r in table.values())
             corr = any("map_corr" in r for r in table.values())
             head = ["model", *(f"MG{k}" for k in range(1, kmax + 1)), "mIoU", "AUROC"]
+            spec = any(r.get("specificity") is not None for r in table.values())
             head += ["phrase-map correlation"] if corr else []
+            head += ["specificity"] if spec else []
             head += ["spatial (VISOR)", "colour binding"] if exact else []
             rows = []
             for name, r in table.items():
@@ -45,6 +47,8 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
                 cells += [f'<td class="num">{_num(r.get("auroc"), "{:.3f}")}</td>']
                 if corr:
                     cells += [f'<td class="num">{_num(r.get("map_corr"), "{:.3f}")}</td>']
+                if spec:
+                    cells += [f'<td class="num">{_num(r.get("specificity"), "{:.3f}")}</td>']
                 if exact:
                     cells += [f'<td class="num">{_num(r.get("spatial"))}</td>']
                     cells += [f'<td class="num">{_num(r.get("binding"), "{:.3f}")}</td>']
@@ -54,7 +58,8 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
             parts.append('<p class="meta">MG<sub>k</sub> in percent with 95% bootstrap CIs over prompts; mIoU is the '
                          "best over the threshold sweep; both are detailed below. Phrase-map correlation: between "
                          "the attention maps of two phrases of one image (1: every phrase looks at the same "
-                         "place).</p>")  # fmt: skip
+                         "place). Specificity: how often a phrase's map is higher on its own object than on another "
+                         "named object of the image (0.5: chance, 1: always).</p>")  # fmt: skip
         if isinstance(s.get("diff"), dict):
             parts.append(_effect_table(s["diff"], s.get("diff_base")))
         parts.extend(f"<p>{esc(str(n))}</p>" for n in s.get("notes", []))

@@ -6,7 +6,8 @@ Each seed is a full demo run (new training scenes, prompts and training noise; t
 in ``OUT/seed_<s>/`` (re-running resumes). Afterwards it prints, per MG_k, the paired difference
 TokenCompose - control of every seed with its 95% CI, their mean ± std over seeds, the mean's pooled 95% CI
 and MDE (independent runs: ``scoring.pooled_difference``), TokenCompose - base pooled alike, the grounding mIoU
-difference, the exact spatial / colour-binding scores and the wall time, and writes ``OUT/replicates.json``.
+difference, the exact spatial / colour-binding scores, the phrase maps' correlation and specificity per arm and
+the wall time, and writes ``OUT/replicates.json``.
 The model card lists which seeds chose the settings (design) and which gave the verdict (never used while
 choosing).
 """
@@ -41,6 +42,8 @@ def main() -> None:
         rows.append({"seed": seed, "seconds": round(seconds, 1), "diff": summary["diff"],
                      "miou": {k: t[k].get("miou") for k in t}, "spatial": {k: t[k].get("spatial") for k in t},
                      "binding": {k: t[k].get("binding") for k in t}, "mg": {k: t[k].get("mg") for k in t},
+                     "map_corr": {k: t[k].get("map_corr") for k in t},
+                     "specificity": {k: t[k].get("specificity") for k in t},
                      "diff_base": summary.get("diff_base"),
                      "verdict": summary["verdict"]})  # fmt: skip
         print(f"seed {seed}: {seconds:.0f} s; {summary['verdict']}", flush=True)
@@ -73,7 +76,7 @@ def main() -> None:
         print(f"MG{j + 1}: {cells}; mean {statistics.fmean(vals):+.2f} ± {sd:.2f}; MDE per run {mde}; {both}")
     d_miou = [r["miou"]["tokencompose"] - r["miou"]["control"] for r in rows]
     print(f"grounding mIoU TC - control: {statistics.fmean(d_miou):+.3f} ± {statistics.pstdev(d_miou):.3f}")
-    for key in ("spatial", "binding"):
+    for key in ("spatial", "binding", "map_corr", "specificity"):
         for arm in ("base", "control", "tokencompose"):
             vals = [r[key][arm] for r in rows if r[key].get(arm) is not None]
             if vals:

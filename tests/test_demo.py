@@ -148,10 +148,12 @@ def test_a_base_is_a_folder_or_a_shipped_bases_name(tmp_path):
     from tokencompose.errors import UserError
     from tokencompose.shipped import shipped_base
 
-    assert resolve_base(None) == shipped_base("shapes_nouns16") and resolve_base(str(tmp_path)) == tmp_path
-    found = shipped_base("shapes_nouns16")
-    if found is None:
-        with pytest.raises(UserError, match="not in this install"):
-            resolve_base("shapes_nouns16")
-    else:
-        assert resolve_base("shapes_nouns16") == found
+    default = "shapes_nouns16_wordwise"
+    assert resolve_base(None) == shipped_base(default) and resolve_base(str(tmp_path)) == tmp_path
+    for name in (default, "shapes_nouns16"):
+        found = shipped_base(name)
+        if found is None:
+            with pytest.raises(UserError, match="not in this install"):
+                resolve_base(name)
+        else:
+            assert resolve_base(name) == found

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_base(base: str | None) -> Path | None:
-    """A base given as a folder, or by the name of a shipped base (``shapes_nouns16``); None = the default one."""
+    """A base given as a folder, or by the name of a shipped base (``shapes_nouns16_wordwise``); None = the default
+    one."""
     if not base:
         return shipped_base(SHIPPED_BASES[0])
     return Path(resolve_shipped(base))
@@ -58,15 +59,15 @@ class DemoSettings:
     out: str = "runs/demo"
     """Output folder; re-running resumes from it (a folder holding other settings is refused)."""
     base: str | None = None
-    """Base model folder (diffusers layout), or a shipped base's name (``shapes_nouns16``, ``shapes_base``); None =
-    the shipped ``shapes_nouns16``."""
+    """Base model folder (diffusers layout), or a shipped base's name (``shapes_nouns16_wordwise``,
+    ``shapes_nouns16``, ``shapes_base``); None = the shipped ``shapes_nouns16_wordwise``."""
     world: str | None = None
     """The shapes world of the scenes and prompts (``attributes`` | ``nouns``); None = the one the base was trained
     on (its ``recipe.json``)."""
     seed: int = 11
     """Seed of the training scenes, the prompts and the training noise. 11 is a verdict seed: the settings were
-    chosen on design seeds (0; 7 in the first pass), and 11, 12, 13 were never used while choosing
-    (bench/RESULTS.md, the base's card)."""
+    chosen on design seeds (0; 7 in the first pass) on ``shapes_nouns16`` and kept unchanged for the word-wise
+    base; 11, 12, 13 were never used while choosing (bench/RESULTS.md, the base's card)."""
     train_images: int = 1000
     """Training scenes rendered from the shapes world."""
     min_objects: int = 2

@@ -31,8 +31,8 @@ class ModelSettings:
     """Which model to run, and where."""
 
     model: str = ""
-    """Base model: diffusers-layout folder, hub id, or a shipped base's name (``shapes_nouns16``, ``shapes_base``:
-    its folder in this install)."""
+    """Base model: diffusers-layout folder, hub id, or a shipped base's name (``shapes_nouns16_wordwise``,
+    ``shapes_nouns16``, ``shapes_base``: its folder in this install)."""
     checkpoint: str | None = None
     """A training checkpoint of ours (``step-N/``: full UNet or LoRA, found automatically), or a UNet folder."""
     ema: bool = False

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from tokencompose.errors import UserError
 
-# The demo's default first (the nouns-world base, whose multi-object failures are missing objects as SD 1.4's
-# are); ``shapes_base`` is what the commands that default to a shipped base use (``evaluate shapes``).
-SHIPPED_BASES = ("shapes_nouns16", "shapes_base")
+# The demo's default first: the nouns-world base with a word-wise text encoder, whose multi-object failures are
+# missing objects and whose phrases' attention lands on their own objects, as SD 1.4's do. ``shapes_nouns16`` is
+# the same world with a two-layer text encoder (phrases not grounded); ``shapes_base`` is what the commands that
+# default to a shipped base use (``evaluate shapes``).
+SHIPPED_BASES = ("shapes_nouns16_wordwise", "shapes_nouns16", "shapes_base")
 
 
 def shipped_base(name: str = "shapes_base") -> Path | None:

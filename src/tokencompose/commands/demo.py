@@ -7,7 +7,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder; re-running resumes from it")
-    parser.add_argument("--base", default=None, help="base model folder or shipped base name (default: shapes_nouns16_wordwise)")
+    parser.add_argument(
+        "--base", default=None, help="base model folder or shipped base name (default: shapes_nouns16_wordwise)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny version (about a minute): checks the wiring")
     parser.add_argument("--roi", action="store_true", help="add a third arm: TokenCompose + ROI-token alignment")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

@@ -150,7 +150,7 @@ def compare(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 best_miou=max(r["scores"]["miou"]),
                 auroc=r["scores"]["auroc"],
                 map_correlation=r["scores"].get("map_correlation"),  # absent from results before 2026-12-03
-                specificity=r["scores"].get("specificity"),  # absent before 2026-12-04
+                specificity=r["scores"].get("specificity"),  # absent from results before 2026-12-03, evening
                 timesteps=r["scores"].get("timesteps"),
             )
         elif r.get("kind") == "suite":

@@ -124,7 +124,12 @@ def test_phrase_specificity_counts_own_object_wins_over_ordered_pairs() -> None:
     disjoint = masks & ~masks.roll(1, 1) & ~masks.roll(2, 1)
     assert phrase_specificity(disjoint.float(), disjoint, valid).unique().tolist() == [1.0]
     s = summarize(torch.ones(1, 2), torch.ones(2), [0.5], spec=got)
-    assert s["specificity"] == pytest.approx(sum(want) / len(want), abs=1e-6)
+    assert s["specificity"] == pytest.approx(sum(want) / len(want), abs=1e-6) and "specificity_ci95" not in s
+    # The CI resamples images: pairs per image are v (v - 1) for v valid phrases, in phrase_specificity's order.
+    s = summarize(torch.ones(1, 2), torch.ones(2), [0.5], spec=got, spec_counts=torch.tensor([6, 2, 2]))
+    lo, hi = s["specificity_ci95"]
+    per_image = [sum(want[:6]) / 6, sum(want[6:8]) / 2, sum(want[8:]) / 2]
+    assert min(per_image) - 1e-6 <= lo <= s["specificity"] <= hi <= max(per_image) + 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +159,8 @@ def test_evaluate_grounding_tiny_end_to_end(shapes_loader_parts) -> None:
     assert 0.0 <= r2["best_miou"] <= 1.0 and 0.0 <= r2["auroc"] <= 1.0
     assert r2["num_pairs"] > 0 and -1.0 <= r2["map_correlation"] <= 1.0
     assert 0.0 <= r2["specificity"] <= 1.0
+    lo, hi = r2["specificity_ci95"]
+    assert lo <= r2["specificity"] <= hi
     # Per-sample seeded noise: the batch size does not change the scores. mIoU thresholds the maps, so
     # batch-size-dependent float rounding may move a pixel across a threshold (seen: 6e-5 with torch 2.8);
     # noise that depended on the batch would move it far more.

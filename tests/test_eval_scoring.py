@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from tokencompose.evaluation.prompts import Prompt, load_prompts
-from tokencompose.evaluation.scoring import bootstrap_ci, found_counts, max_scores, mg_scores, score_multigen
+from tokencompose.evaluation.scoring import (
+    bootstrap_ci,
+    cluster_bootstrap_ci,
+    found_counts,
+    max_scores,
+    mg_scores,
+    score_multigen,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("TOKENCOMPOSE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
@@ -130,3 +137,26 @@ def test_pooled_difference_of_independent_runs():
     assert pooled_difference([one] * 3)["mde"] == pytest.approx([m / np.sqrt(3) for m in one["mde"]])
     with pytest.raises(ValueError):
         pooled_difference([])
+
+
+def test_cluster_bootstrap_ci_resamples_clusters_not_items() -> None:
+    rng = np.random.default_rng(3)
+    # 400 independent 0/1 items, one per cluster: the normal-approximation interval, +- 1.96 sqrt(p(1-p)/n).
+    flips = (rng.random(400) < 0.7).astype(float)
+    lo, hi = cluster_bootstrap_ci(flips, np.ones(400, dtype=int), num_samples=4000)
+    half = 1.959964 * np.sqrt(flips.mean() * (1 - flips.mean()) / 400)
+    assert lo < flips.mean() < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+    # The same number of items in 40 clusters of 10 equal items: as wide as 40 independent items, not 400.
+    per_cluster = (rng.random(40) < 0.7).astype(float)
+    values, counts = np.repeat(per_cluster, 10), np.full(40, 10)
+    lo, hi = cluster_bootstrap_ci(values, counts, num_samples=4000)
+    naive = 1.959964 * np.sqrt(values.mean() * (1 - values.mean()) / values.size)
+    assert lo < values.mean() < hi and (hi - lo) / 2 > 2.5 * naive
+    # Seeded; empty clusters drop out.
+    assert cluster_bootstrap_ci(values, counts, seed=1) == cluster_bootstrap_ci(values, counts, seed=1)
+    assert cluster_bootstrap_ci(values, counts, seed=1) == cluster_bootstrap_ci(
+        values, np.insert(counts, [0, 20], 0), seed=1
+    )
+    assert cluster_bootstrap_ci(np.array([]), np.array([0, 0])) is None
+    with pytest.raises(ValueError, match="sum to"):
+        cluster_bootstrap_ci(np.ones(3), np.array([1, 1]))

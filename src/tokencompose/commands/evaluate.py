@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         grounding = settings_from_args(GroundingSettings, args)
         s = R.run_grounding(grounding)["scores"]
         corr, spec = ("n/a" if s.get(k) is None else f"{s[k]:.3f}" for k in ("map_correlation", "specificity"))
+        ci = s.get("specificity_ci95")
+        spec += "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
         print(f"{grounding.out}/results.json: best mIoU {s['best_miou']:.4f} (thr {s['best_threshold']:g}), "
               f"AUROC {s['auroc']:.4f}, correlation between phrases' maps {corr}, "
               f"specificity {spec} (own object over another's; chance 0.5)")  # fmt: skip

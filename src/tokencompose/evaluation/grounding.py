@@ -16,12 +16,14 @@ The pure functions take tensors; :func:`evaluate_grounding` runs the model. Shap
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from tokencompose.attention import AttentionCapture, select_layers
+from tokencompose.evaluation.scoring import cluster_bootstrap_ci
 from tokencompose.families import family_of
 from tokencompose.maps import phrase_maps
 from tokencompose.models import scale_latents
@@ -135,10 +137,12 @@ def summarize(
     thresholds: Sequence[float],
     corr: torch.Tensor | None = None,
     spec: torch.Tensor | None = None,
+    spec_counts: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """``ious [Tn, M]``, ``aucs [M]`` (, ``corr [pairs]``, ``spec [ordered pairs]``) -> mean IoU per threshold,
-    best, mean AUROC, phrase count (, mean correlation between phrases' maps and the number of pairs; the mean
-    specificity; None without pairs)."""
+    """``ious [Tn, M]``, ``aucs [M]`` (, ``corr [pairs]``, ``spec [ordered pairs]``, ``spec_counts [B]``) -> mean
+    IoU per threshold, best, mean AUROC, phrase count (, mean correlation between phrases' maps and the number of
+    pairs; the mean specificity, None without pairs; with ``spec_counts``, the ordered pairs of each image in
+    ``spec``'s order, its 95% CI, a bootstrap over images: ``specificity_ci95``)."""
     miou = ious.mean(dim=1) if ious.shape[1] else torch.full((len(thresholds),), float("nan"))
     out = {
         "thresholds": list(thresholds),
@@ -153,7 +157,36 @@ def summarize(
         out["num_pairs"] = int(corr.numel())
     if spec is not None:
         out["specificity"] = round(float(spec.mean()), 6) if spec.numel() else None
+    if spec is not None and spec_counts is not None:
+        ci = cluster_bootstrap_ci(spec.numpy(), spec_counts.numpy())
+        out["specificity_ci95"] = None if ci is None else [round(v, 6) for v in ci]
     return out
+
+
+@dataclass
+class _Tally:
+    """The scores of one (layer group, timestep) cell, batch by batch; :meth:`summary` concatenates them."""
+
+    ious: list[torch.Tensor] = field(default_factory=list)  # [Tn, M] per batch
+    aucs: list[torch.Tensor] = field(default_factory=list)  # [M]
+    corrs: list[torch.Tensor] = field(default_factory=list)  # [pairs]
+    specs: list[torch.Tensor] = field(default_factory=list)  # [ordered pairs]
+    spec_counts: list[torch.Tensor] = field(default_factory=list)  # [B]: ordered pairs of each image
+
+    def add(self, pm: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, thresholds: Sequence[float]) -> None:
+        """Score one batch's phrase maps ``pm [B, P, N]`` against ``masks [B, P, N]``; ``valid [B, P]``."""
+        self.ious.append(iou_sweep(pm, masks, valid, thresholds))
+        self.aucs.append(auroc(pm[valid], masks[valid]))
+        self.corrs.append(phrase_correlation(pm, valid))
+        self.specs.append(phrase_specificity(pm, masks, valid))
+        v = valid.sum(-1)
+        self.spec_counts.append(v * (v - 1))  # phrase_specificity's pairs come image by image
+
+    def summary(self, thresholds: Sequence[float]) -> dict[str, Any]:
+        cat = torch.cat
+        return summarize(
+            cat(self.ious, dim=1), cat(self.aucs), thresholds, cat(self.corrs), cat(self.specs), cat(self.spec_counts)
+        )
 
 
 def evaluate_grounding(
@@ -205,10 +238,7 @@ def evaluate_grounding_groups(
     names = {g: select_layers(unet, sel) for g, sel in groups.items()}
     captured = select_layers(unet, [n for ns in names.values() for n in ns])
     keys = [str(t) for t in timesteps] + ["mean"]
-    ious: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
-    aucs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
-    corrs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
-    specs: dict[str, dict[str, list[torch.Tensor]]] = {g: {k: [] for k in keys} for g in groups}
+    tallies = {g: {k: _Tally() for k in keys} for g in groups}
     sizes: dict[str, Size] = {}
     images = 0
     with AttentionCapture(unet, layers=captured, normalize=normalize) as cap:
@@ -240,19 +270,13 @@ def evaluate_grounding_groups(
                     # Renormalise the timestep mean (a mean of [0, 1] maps need not span [0, 1]).
                     lo, hi = pm.amin(-1, keepdim=True), pm.amax(-1, keepdim=True)
                     pm = (pm - lo) / (hi - lo).clamp(min=1e-12)
-                    ious[g][key].append(iou_sweep(pm, masks, valid, thresholds))
-                    aucs[g][key].append(auroc(pm[valid], masks[valid]))
-                    corrs[g][key].append(phrase_correlation(pm, valid))
-                    specs[g][key].append(phrase_specificity(pm, masks, valid))
+                    tallies[g][key].add(pm, masks, valid, thresholds)
             images += latents.shape[0]
     results = {}
     for g in groups:
         out: dict[str, Any] = {"timesteps": list(timesteps), "num_images": images, "per_timestep": {}}
         for key in keys:
-            s = summarize(
-                torch.cat(ious[g][key], dim=1), torch.cat(aucs[g][key]), thresholds,
-                torch.cat(corrs[g][key]), torch.cat(specs[g][key]),
-            )  # fmt: skip
+            s = tallies[g][key].summary(thresholds)
             if key == "mean":
                 out.update(s)
             else:

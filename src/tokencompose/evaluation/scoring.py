@@ -105,6 +105,30 @@ def bootstrap_ci(
     return np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
 
 
+def cluster_bootstrap_ci(
+    values: np.ndarray, counts: np.ndarray, num_samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[float] | None:
+    """Percentile bootstrap CI of the mean of ``values [M]`` whose items come in clusters of ``counts [C]``.
+
+    ``values`` are in cluster order (``counts.sum() == M``). Clusters, not items, are resampled with replacement
+    and each resample's statistic is its pooled mean ``sum(values) / sum(counts)``: the items of one cluster
+    (say, the ordered phrase pairs of one image, which share its noise and layout) are not independent, and
+    treating them as such understates the error. Empty clusters are dropped; None when none is left.
+    """
+    values, counts = np.asarray(values, dtype=float), np.asarray(counts, dtype=np.int64)
+    if counts.sum() != values.size:
+        raise ValueError(f"cluster counts sum to {counts.sum()}, but there are {values.size} values")
+    sums = np.bincount(np.repeat(np.arange(counts.size), counts), weights=values, minlength=counts.size)
+    keep = counts > 0
+    sums, counts = sums[keep], counts[keep]
+    if not counts.size:
+        return None
+    idx = np.random.default_rng(seed).integers(0, counts.size, size=(num_samples, counts.size))
+    boots = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return [float(np.quantile(boots, alpha)), float(np.quantile(boots, 1.0 - alpha))]
+
+
 def score_multigen(
     detections: Mapping[str, Mapping[str, Any]],
     prompts: Sequence[Prompt],

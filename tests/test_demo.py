@@ -31,6 +31,8 @@ def test_smoke_demo_writes_every_stage(smoke_run):
         assert len(row["mg"]) == 5 and all(0 <= v <= 100 for v in row["mg"])
         assert 0 <= row["miou"] <= 1 and 0 <= row["auroc"] <= 1 and -1 <= row["map_corr"] <= 1
         assert 0 <= row["specificity"] <= 1
+        lo, hi = row["specificity_ci"]
+        assert lo <= row["specificity"] <= hi
     # control and TokenCompose trained the same steps from the same base; only the loss differs
     import yaml
 
@@ -98,6 +100,8 @@ def test_smoke_report_contents(smoke_run):
         got = summary[key]["diff"]
         assert got == pytest.approx([t - r for t, r in zip(mg["tokencompose"], mg[reference], strict=True)], abs=1e-6)
     assert "TokenCompose − base" in page and "TokenCompose - base: MG2" in summary["verdict"]
+    lo, hi = summary["table"]["tokencompose"]["specificity_ci"]  # each arm's specificity shows its CI
+    assert f'<span class="ci">[{lo:.3f}, {hi:.3f}]</span>' in page
     # the exact shapes-world scores of every arm
     for name in ("base", "control", "tokencompose"):
         assert {"spatial", "binding"} <= set(summary["table"][name])

@@ -25,6 +25,7 @@ def summarize(results: dict[str, dict[str, Path]]) -> dict[str, Any]:
             row["miou"], row["auroc"] = g.get("best_miou"), g.get("auroc")
             row["map_corr"] = g.get("map_correlation")  # do the phrases' maps differ (1: all alike)
             row["specificity"] = g.get("specificity")  # ... and each on its own object (0.5: chance)
+            row["specificity_ci"] = g.get("specificity_ci95")  # bootstrap over the scenes
         if files.get("exact") is not None and files["exact"].is_file():
             ex = json.loads(files["exact"].read_text())["scores"]
             row["spatial"] = (ex.get("spatial") or {}).get("visor_uncond")

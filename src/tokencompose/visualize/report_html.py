@@ -40,15 +40,14 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
                 cells = [f"<td>{esc(name)}</td>"]
                 for k in range(kmax):
                     text = _num(mg[k]) if k < len(mg) else "–"
-                    if k < len(ci) and isinstance(ci[k], Sequence) and len(ci[k]) == 2:
-                        text += f'<span class="ci">[{_num(ci[k][0])}, {_num(ci[k][1])}]</span>'
-                    cells.append(f'<td class="num">{text}</td>')
+                    cells.append(f'<td class="num">{text}{_ci_span(ci[k] if k < len(ci) else None)}</td>')
                 cells += [f'<td class="num">{_num(r.get("miou"), "{:.3f}")}</td>']
                 cells += [f'<td class="num">{_num(r.get("auroc"), "{:.3f}")}</td>']
                 if corr:
                     cells += [f'<td class="num">{_num(r.get("map_corr"), "{:.3f}")}</td>']
                 if spec:
-                    cells += [f'<td class="num">{_num(r.get("specificity"), "{:.3f}")}</td>']
+                    text = _num(r.get("specificity"), "{:.3f}") + _ci_span(r.get("specificity_ci"), "{:.3f}")
+                    cells += [f'<td class="num">{text}</td>']
                 if exact:
                     cells += [f'<td class="num">{_num(r.get("spatial"))}</td>']
                     cells += [f'<td class="num">{_num(r.get("binding"), "{:.3f}")}</td>']
@@ -59,7 +58,8 @@ def summary_section(summaries: list[dict[str, Any]]) -> str:
                          "best over the threshold sweep; both are detailed below. Phrase-map correlation: between "
                          "the attention maps of two phrases of one image (1: every phrase looks at the same "
                          "place). Specificity: how often a phrase's map is higher on its own object than on another "
-                         "named object of the image (0.5: chance, 1: always).</p>")  # fmt: skip
+                         "named object of the image (0.5: chance, 1: always), with a 95% bootstrap CI over the "
+                         "scenes.</p>")  # fmt: skip
         if isinstance(s.get("diff"), dict):
             parts.append(_effect_table(s["diff"], s.get("diff_base")))
         parts.extend(f"<p>{esc(str(n))}</p>" for n in s.get("notes", []))
@@ -154,6 +154,13 @@ def _label(result: Mapping[str, Any]) -> str:
         return str(result["name"])
     model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
     return str(model.get("unet") or model.get("lora") or model.get("base") or Path(result.get("_path", "?")).stem)
+
+
+def _ci_span(ci: Any, fmt: str = "{:.2f}") -> str:
+    """``[lo, hi]`` as the tables' small CI text; nothing when there is no interval."""
+    if not (isinstance(ci, Sequence) and len(ci) == 2):
+        return ""
+    return f'<span class="ci">[{_num(ci[0], fmt)}, {_num(ci[1], fmt)}]</span>'
 
 
 def _num(v: Any, fmt: str = "{:.2f}") -> str:

@@ -1,4 +1,5 @@
-"""What the CLI prints besides results: log lines that do not break progress bars, and quiet model loading.
+"""What the CLI prints: log lines that do not break progress bars, quiet model loading, and the one formatter
+of a number that may be missing (``n/a``) that result lines, tables and figures share.
 
 Library code only logs (``logging.getLogger(__name__)``) and draws its own tqdm bars; the CLI calls
 :func:`setup_console` once, so users of the library keep their own logging set-up.
@@ -20,6 +21,12 @@ class TqdmLoggingHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # logging must never raise into the caller
             self.handleError(record)
+
+
+def number(value: float | None, spec: str = ".3f", missing: str = "n/a") -> str:
+    """``value`` in ``spec`` (the format mini-language: ``".3f"``, ``".1%"``), or ``missing`` where there is none
+    (a metric undefined on this input: no pairs, no phrases)."""
+    return missing if value is None else format(value, spec)
 
 
 def quiet_model_loading() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tokencompose.commands.generate import add_generation_options
 from tokencompose.commands.options import add_model_options, add_settings_arguments, option
+from tokencompose.console import number
 
 
 def add_parser(sub: Any) -> None:
@@ -61,10 +62,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def summary(result: dict, path: str) -> str:
     """Two lines: where the results are, and OA / VISOR scores."""
     s = result["scores"]
@@ -72,5 +69,5 @@ def summary(result: dict, path: str) -> str:
     head = f"{path}: threshold {s['threshold']:g}, {s['num_prompts']} prompts x {n} images"
     names = ["object_accuracy", "visor_uncond", "visor_cond"] + [f"visor_{k}" for k in range(1, n + 1)]
     labels = ["OA", "VISOR_uncond", "VISOR_cond"] + [f"VISOR_{k}" for k in range(1, n + 1)]
-    cells = [f"{label} {_fmt(s[key])}" for label, key in zip(labels, names, strict=True)]
+    cells = [f"{label} {number(s[key], '.2f')}" for label, key in zip(labels, names, strict=True)]
     return head + "\n  " + " | ".join(cells)

@@ -20,6 +20,7 @@ import argparse
 
 from tokencompose.commands.generate import add_generation_options, add_prompt_options
 from tokencompose.commands.options import add_model_options, add_settings_arguments, option
+from tokencompose.console import number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "grounding":
         grounding = settings_from_args(GroundingSettings, args)
         s = R.run_grounding(grounding)["scores"]
-        corr, spec = ("n/a" if s.get(k) is None else f"{s[k]:.3f}" for k in ("map_correlation", "specificity"))
+        corr, spec = (number(s.get(k)) for k in ("map_correlation", "specificity"))
         ci = s.get("specificity_ci95")
         spec += "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
         print(f"{grounding.out}/results.json: best mIoU {s['best_miou']:.4f} (thr {s['best_threshold']:g}), "

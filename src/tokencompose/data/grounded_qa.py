@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.atomic import write_json_atomic
+from tokencompose.console import number
 from tokencompose.data.official import image_drop_reason, load_mask
 from tokencompose.data.records import iter_jsonl_lines
 from tokencompose.errors import UserError
@@ -338,14 +339,14 @@ def write_qa(out: Path, reference: Path | None = None, seed: int = 0) -> dict[st
     summary = qa_summary(rows, out, ref_rows)
     summary["source"] = {"metadata": "metadata.jsonl", "reference": str(reference) if reference else None}
     summary["figures"] = {"qa": QA_PNG, "contact_sheet": SHEET_PNG, "seed": seed}
-    from tokencompose.data.grounded_sheet import contact_sheet, draw_qa, fmt  # lazy: matplotlib
+    from tokencompose.data.grounded_sheet import contact_sheet, draw_qa  # lazy: matplotlib
 
     draw_qa(summary, out / QA_PNG)
     contact_sheet(rows, out, out / SHEET_PNG, seed=seed)
     write_json_atomic(out / QA_JSON, summary)
     log.info(
         "grounded QA of %s: %d rows, %d phrases, null rate %s%s",
-        out, summary["rows"], summary["phrases"], fmt(summary["null_rate"], "{:.1%}"),
-        "" if summary["reference"] is None else f" (reference {fmt(summary['reference']['null_rate'], '{:.1%}')})",
+        out, summary["rows"], summary["phrases"], number(summary["null_rate"], ".1%", "–"),
+        "" if summary["reference"] is None else f" (reference {number(summary['reference']['null_rate'], '.1%', '–')})",
     )  # fmt: skip
     return summary

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.atomic import atomic_write_bytes
+from tokencompose.console import number
 from tokencompose.data.grounded_qa import DETECTION_BINS, _box, _count, _number, _phrases, _resolve
 from tokencompose.data.official import image_drop_reason, load_mask, open_image
 
@@ -33,10 +34,6 @@ OVERLAY_ALPHA = 0.45
 
 
 # -- figures ---------------------------------------------------------------------------------------------
-
-
-def fmt(x: Any, spec: str = "{:.3f}") -> str:
-    return "–" if x is None else spec.format(x)
 
 
 def _no_data(ax: Any, text: str) -> None:
@@ -92,7 +89,7 @@ def draw_qa(summary: dict[str, Any], path: Path) -> Path:
     if labels:
         shown = [r if r is not None else 0.0 for r in rates]
         bars = ax_null.bar(labels, shown, color=colors, width=0.55)
-        ax_null.bar_label(bars, [fmt(r, "{:.1%}") for r in rates], fontsize=8)
+        ax_null.bar_label(bars, [number(r, ".1%", "–") for r in rates], fontsize=8)
         ax_null.set_ylim(0, max(1e-9, *shown) * 1.25 if max(shown) > 0 else 1.0)
         ax_null.set_ylabel("phrases without a mask", fontsize=8)
         if ref and ref.get("agreement") is not None:

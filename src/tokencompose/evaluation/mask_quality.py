@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from tokencompose.atomic import atomic_write_text, write_json_atomic
+from tokencompose.console import number
 from tokencompose.data.records import Box, Phrase, Record, read_jsonl
 from tokencompose.errors import UserError
 
@@ -348,10 +349,6 @@ def evaluate_mask_quality(settings: MaskQualitySettings) -> dict[str, Any]:
     return result
 
 
-def _cell(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The results as markdown: inputs, overall means, counts, and a table per category (most phrases first)."""
     o, inputs = result["scores"]["overall"], result["inputs"]
@@ -362,9 +359,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- reference ({inputs['reference_kind']}): `{inputs['reference']['path']}`",
         f"- created: {result['created']}",
         "",
-        f"Over {o['phrases']} phrases in {o['categories']} categories: mask IoU {_cell(o['mask_iou'])} "
-        f"(mean over categories {_cell(o['mask_iou_categories'])}), box IoU {_cell(o['box_iou'])} "
-        f"(over categories {_cell(o['box_iou_categories'])}), {o['misses']} misses (no grounded mask).",
+        f"Over {o['phrases']} phrases in {o['categories']} categories: mask IoU {number(o['mask_iou'], '.4f')} "
+        f"(mean over categories {number(o['mask_iou_categories'], '.4f')}), box IoU {number(o['box_iou'], '.4f')} "
+        f"(over categories {number(o['box_iou_categories'], '.4f')}), {o['misses']} misses (no grounded mask).",
         "",
         "Counts: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()) + ".",
         "",
@@ -372,7 +369,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, c in result["scores"]["categories"].items():
-        lines.append(f"| {name} | {c['count']} | {_cell(c['mask_iou'])} | {_cell(c['box_iou'])} | {c['misses']} |")
+        iou, box = number(c["mask_iou"], ".4f"), number(c["box_iou"], ".4f")
+        lines.append(f"| {name} | {c['count']} | {iou} | {box} | {c['misses']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -381,8 +379,8 @@ def summary_line(result: dict[str, Any], out: str | Path) -> str:
     o, c = result["scores"]["overall"], result["counts"]
     return (
         f"{Path(out) / 'results.json'}: {o['phrases']} phrases in {o['categories']} categories, "
-        f"mask IoU {_cell(o['mask_iou'])} (categories {_cell(o['mask_iou_categories'])}), "
-        f"box IoU {_cell(o['box_iou'])}, {o['misses']} misses; {c['unmatched_phrases']} unmatched phrases, "
+        f"mask IoU {number(o['mask_iou'], '.4f')} (categories {number(o['mask_iou_categories'], '.4f')}), "
+        f"box IoU {number(o['box_iou'], '.4f')}, {o['misses']} misses; {c['unmatched_phrases']} unmatched phrases, "
         f"{c['rows_without_reference']} rows without a reference"
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tokencompose.atomic import write_json_atomic  # noqa: F401  (re-exported)
+from tokencompose.console import number
 from tokencompose.errors import UserError
 from tokencompose.versions import package_versions  # noqa: F401  (re-exported)
 
@@ -185,7 +186,7 @@ def markdown_table(table: Mapping[str, Any]) -> str:
         head = ["model", "best mIoU", "AUROC", "map correlation", "specificity", "timesteps"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in gr:
-            corr, spec = ("-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("map_correlation", "specificity"))
+            corr, spec = (number(r.get(k), missing="-") for k in ("map_correlation", "specificity"))
             lines.append(
                 f"| {r['name']} | {r['best_miou']:.4f} | {r['auroc']:.4f} | {corr} | {spec} | {r['timesteps']} |"
             )
@@ -200,6 +201,6 @@ def markdown_table(table: Mapping[str, Any]) -> str:
         lines += ([""] if lines else []) + ["| model | " + " | ".join(f"{kind}: {x}" for x in labels) + " |",
                                             "|---" * (len(labels) + 1) + "|"]  # fmt: skip
         for r in (r for r in table["rows"] if r["kind"] == kind):
-            cells = ["-" if r["headline"][x] is None else f"{r['headline'][x]:.4g}" for x in labels]
+            cells = [number(r["headline"][x], ".4g", "-") for x in labels]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

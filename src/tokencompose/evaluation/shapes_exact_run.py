@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokencompose.console import number
 from tokencompose.errors import UserError
 from tokencompose.evaluation.generation import GenerationSettings, Sampler, image_name
 from tokencompose.evaluation.scoring import image_key
@@ -180,20 +181,17 @@ def run_shapes_exact(settings: ShapesExactSettings) -> dict[str, Any]:
 
 def summary_line(result: dict[str, Any], path: str) -> str:
     """One line of the headline numbers (VISOR in percent, binding as T2I-CompBench's 0..1 score)."""
-
-    def f(v: float | None, fmt: str) -> str:
-        return "n/a" if v is None else format(v, fmt)
-
     parts = [path + ":"]
     sp, at = result["scores"].get("spatial"), result["scores"].get("attribute")
     if sp:
-        parts.append(f"spatial OA {f(sp['object_accuracy'], '.2f')}, VISOR_uncond {f(sp['visor_uncond'], '.2f')}, "
-                     f"VISOR_cond {f(sp['visor_cond'], '.2f')}")  # fmt: skip
+        oa, unc, cond = (number(sp[k], ".2f") for k in ("object_accuracy", "visor_uncond", "visor_cond"))
+        parts.append(f"spatial OA {oa}, VISOR_uncond {unc}, VISOR_cond {cond}")
     if at:
-        parts.append(f"attribute binding {f(at['binding_score'], '.4f')}, swap rate {f(at['swap_rate'], '.4f')}")
+        binding, swap = number(at["binding_score"], ".4f"), number(at["swap_rate"], ".4f")
+        parts.append(f"attribute binding {binding}, swap rate {swap}")
     ob = result["scores"].get("objects")
     if ob:
         multi = ob["multi"] or {}
-        parts.append(f"single object {f(ob['single_object_accuracy'], '.1f')}%, multi-object failures mostly "
+        parts.append(f"single object {number(ob['single_object_accuracy'], '.1f')}%, multi-object failures mostly "
                      f"{multi.get('dominant_failure') or 'n/a'}")  # fmt: skip
     return " ".join(parts)

@@ -10,12 +10,8 @@ Installation goes through diffusers' attention-processor API (``Attention.set_pr
 supervised layers: the per-layer half of ``set_attn_processor``, which diffusers 0.30's Flux model
 lacks) and is undone on exit of :class:`AttentionCapture`; nothing is monkey-patched.
 
-Store semantics: a forward pre-hook on the UNet clears and arms the store at the start of every UNet
-forward, and each layer keeps the **first** map it produces in that forward. Gradient checkpointing
-recomputes a block's forward during backward; that recomputation must neither replace the maps the
-losses already hold nor add new ones: first-write-wins covers a recompute before ``clear()``, and
-``clear()`` disarms the store until the next forward, so a recompute after it (the usual case: the
-step clears the store before ``backward``) records nothing and the maps are freed with the graph.
+Store semantics (first write wins; ``clear()`` disarms until the next forward, so gradient-checkpoint
+recomputes neither replace nor add maps): :mod:`tokencompose.attention_store`.
 
 Joint-attention transformers (SD3, Flux) have no cross-attention layer; their text-conditioned
 layers get the capturing processors of :mod:`tokencompose.joint_attention`, chosen by the type of the
@@ -29,15 +25,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tokencompose.attention_store import AttentionStore, Size
 from tokencompose.joint_attention import DEFAULT_CHUNK_SIZE, NORMALIZATIONS, joint_capture_class, token_grid
-
-Size = tuple[int, int]
 
 # Groups accepted in a layer selection, besides module names and fnmatch patterns: UNet blocks, and the
 # double-stream ("joint": SD3's and Flux's) and single-stream (Flux) blocks of joint-attention transformers.
@@ -89,63 +83,6 @@ def select_layers(unet: torch.nn.Module, layers: Sequence[str] = ("mid", "up")) 
     if not chosen:
         raise ValueError(f"layer selection {list(layers)} matches no cross-attention layer; available: {all_names}")
     return chosen
-
-
-class AttentionStore:
-    """Per-forward store of attention maps, keyed by layer name.
-
-    ``maps[name]`` is ``[B, H, N, L]`` (or ``[B, H, N, K]`` with a column subset); ``sizes[name]`` is
-    the layer's ``(h, w)`` derived from the model input: the latent size (UNet, SD3) or the token grid
-    of the position ids (Flux).
-    """
-
-    def __init__(self) -> None:
-        self.maps: dict[str, torch.Tensor] = {}
-        self.sizes: dict[str, Size] = {}
-        self.latent_size: Size | None = None  # [B, C, H, W] input: (H, W)
-        self.grid: Size | None = None  # packed-token input (Flux): (h, w) of the token grid
-        self.text_len: int | None = None  # L of the model's encoder_hidden_states (Flux single-stream layers)
-        self.columns: torch.Tensor | None = None  # keep only these token columns (``[K]`` long), or all
-        self.armed = True  # records only between a UNet forward's start and the next clear()
-
-    def clear(self) -> None:
-        """Drop the maps and stop recording until :meth:`start` (the next UNet forward)."""
-        self.maps = {}
-        self.sizes = {}
-        self.armed = False
-
-    def start(self) -> None:
-        """Begin a forward: an empty store that records."""
-        self.maps = {}
-        self.sizes = {}
-        self.armed = True
-
-    def spatial_size(self, n: int) -> Size:
-        """``(h, w)`` of ``n`` query positions: the token grid, or the latent size over the layer's stride."""
-        if self.grid is not None and self.grid[0] * self.grid[1] == n:
-            return self.grid
-        if self.latent_size is not None:
-            h0, w0 = self.latent_size
-            stride = math.sqrt(h0 * w0 / n)
-            s = round(stride)
-            if s > 0 and abs(stride - s) < 1e-6 and (h0 // s) * (w0 // s) == n:
-                return (h0 // s, w0 // s)
-            # diffusers pads odd sizes up (ceil) when downsampling
-            h, w = math.ceil(h0 / s), math.ceil(w0 / s)
-            if h * w == n:
-                return (h, w)
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"cannot infer the spatial size of a layer with {n} positions")
-        return (side, side)
-
-    def record(self, name: str, probs: torch.Tensor) -> None:
-        # Not armed: a checkpoint recompute in the backward after clear(). Already there: a recompute
-        # before clear(), or a second call in one forward. Either way keep what the losses hold.
-        if not self.armed or name in self.maps:
-            return
-        self.maps[name] = probs
-        self.sizes[name] = self.spatial_size(probs.shape[-2])
 
 
 class CaptureAttnProcessor:

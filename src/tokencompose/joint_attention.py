@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from tokencompose.attention import AttentionStore
+    from tokencompose.attention_store import AttentionStore
 
 NORMALIZATIONS = ("joint", "text")
 # Query rows per chunk of the joint log-sum-exp. The transient memory of one chunk is about

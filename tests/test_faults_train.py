@@ -179,18 +179,18 @@ def test_pretrain_resume_refuses_a_planted_pickle_and_round_trips_its_state(tmp_
     import numpy as np
 
     from tokencompose.errors import UserError
-    from tokencompose.pretrain import recipe
+    from tokencompose.pretrain import state
 
     marker = tmp_path / "pwned"
     torch.save({"step": 1, "rng": _Planted(marker)}, tmp_path / "vae_state.pt")
     with pytest.raises(UserError, match="vae_state.pt"):
-        recipe._resume(tmp_path / "vae_state.pt")
+        state.load_state(tmp_path / "vae_state.pt")
     assert not marker.exists()
 
     np.random.seed(random.randrange(2**31))
-    recipe._atomic_save({"step": 2, "rng": recipe._rng_state()}, tmp_path / "state.pt")
+    state.save_state({"step": 2, "rng": state.rng_state()}, tmp_path / "state.pt")
     want = np.random.rand(3), torch.rand(3)
-    recipe._set_rng_state(recipe._resume(tmp_path / "state.pt")["rng"])  # loads with weights_only=True
+    state.set_rng_state(state.load_state(tmp_path / "state.pt")["rng"])  # loads with weights_only=True
     got = np.random.rand(3), torch.rand(3)
     assert np.array_equal(got[0], want[0]) and torch.equal(got[1], want[1])
 

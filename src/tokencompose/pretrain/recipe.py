@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokencompose.atomic import atomic_write_text, atomic_writer
+from tokencompose.atomic import atomic_write_text
 from tokencompose.data.shapes import check_world, render_scene, scene_record, world_categories
 from tokencompose.errors import UserError
 from tokencompose.losses import denoise_loss
 from tokencompose.models import Components, clip_tokenizer, save_text_encoder
 from tokencompose.pretrain.arch import ShapesArch, build_scheduler, build_text_encoder, build_unet, build_vae
+from tokencompose.pretrain.state import load_state, rng_state, save_state, set_rng_state
 from tokencompose.tokens import input_ids
 from tokencompose.train.ema import EMA
 from tokencompose.typed_data import load_settings
@@ -144,42 +144,6 @@ def _batches(cfg: PretrainConfig, batch: int, stream: int, start: int, stop: int
                                        generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary sibling, fsynced and renamed onto ``path`` (a kill leaves the old file)."""
-    with atomic_writer(path, "wb") as f:
-        torch.save(state, f)
-
-
-def _resume(path: Path) -> dict | None:
-    """The stage's saved state, read with the ``weights_only`` unpickler (a planted file cannot run code)."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"{path} holds objects other than tensors and plain values (written by an older tokencompose, "
-            "or not by tokencompose); it is not loaded: delete it to restart that stage"
-        ) from err
-
-
-def _rng_state() -> dict:
-    # numpy's state as plain values (not an ndarray): loadable with weights_only=True.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the GPU's noise draws resume too
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
 def _progress(total: int, start: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -196,12 +160,12 @@ def train_vae(cfg: PretrainConfig, work: Path) -> Path:
     vae = build_vae(cfg.arch).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt = work / "vae_state.pt"
-    step, state = 0, _resume(ckpt)
+    step, state = 0, load_state(ckpt)
     if state:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.info("VAE: resuming at step %d", step)
     bar = _progress(cfg.vae_steps, step, "VAE")
     vae.train()
@@ -223,7 +187,7 @@ def train_vae(cfg: PretrainConfig, work: Path) -> Path:
         if step % 50 == 0:
             bar.set_postfix(mse=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": _rng_state()}, ckpt)
+            save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state()}, ckpt)
     bar.close()
     vae.eval()
     # SD rescales latents to unit variance (0.18215 for SD 1.x); measure ours on fresh scenes.
@@ -264,14 +228,14 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
     trained = torch.nn.ModuleList([unet, text])  # one EMA over both parts
     ema = EMA(trained, cfg.ema_decay)
     ckpt = work / "diffusion_state.pt"
-    step, state = 0, _resume(ckpt)
+    step, state = 0, load_state(ckpt)
     if state:
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
         step = state["step"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.info("diffusion: resuming at step %d", step)
         if step > cfg.unet_steps:
             raise UserError(f"{ckpt} is at step {step}, past unet_steps={cfg.unet_steps}: the EMA there is step "
@@ -312,9 +276,9 @@ def train_diffusion(cfg: PretrainConfig, work: Path) -> Path:
                 "opt": opt.state_dict(),
                 "ema": ema.state_dict(),
                 "step": step,
-                "rng": _rng_state(),
+                "rng": rng_state(),
             }
-            _atomic_save(state, ckpt)
+            save_state(state, ckpt)
     bar.close()
     ema.copy_to(trained)
     tmp = work / "diffusion.tmp"

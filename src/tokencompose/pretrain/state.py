@@ -37,6 +37,8 @@ def load_state(path: Path) -> dict | None:
 
 
 def rng_state() -> dict:
+    """The global torch, numpy (and, when in use, CUDA) RNG states, as values ``torch.load`` with
+    ``weights_only=True`` reads back."""
     # numpy's state as plain values (not an ndarray): loadable with weights_only=True.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
@@ -46,6 +48,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (CUDA's only on a machine with as many GPUs)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -173,5 +173,7 @@ def test_nouns_world_scenes_hold_only_its_categories_and_attributes_world_is_the
     assert [r.caption for r in read_jsonl(a)] == [r.caption for r in read_jsonl(b)]
     c = S.make_shapes_dataset(tmp_path / "c", 8, seed=5, world="nouns")
     assert {p.text for r in read_jsonl(c) for p in r.phrases} <= set(nouns)
-    with pytest.raises(ValueError, match="unknown shapes world"):
+    from tokencompose.errors import UserError
+
+    with pytest.raises(UserError, match="'animals' is not a shapes world"):  # the commands' one-line error
         S.world_categories("animals")

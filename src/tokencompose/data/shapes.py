@@ -64,9 +64,8 @@ def check_world(world: str) -> None:
 
 
 def world_categories(world: str) -> list[str]:
-    """The categories of a named world (:data:`WORLDS`); a one-line error for an unknown name."""
-    if world not in WORLDS:
-        raise ValueError(f"unknown shapes world {world!r}; known: {', '.join(WORLDS)}")
+    """The categories of a named world (:data:`WORLDS`); :func:`check_world`'s one-line error for an unknown name."""
+    check_world(world)
     return list(WORLDS[world])
 
 

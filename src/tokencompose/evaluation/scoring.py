@@ -101,8 +101,29 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, counts.shape[0], size=(num_samples, counts.shape[0]))
     boots = per_prompt[:, idx].mean(axis=2)  # [K, num_samples]
+    return percentile_interval(boots, level)
+
+
+def percentile_interval(boots: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """The central ``level`` interval of bootstrap statistics ``[..., S]`` (S resamples): ``[..., 2]`` (low, high)."""
     alpha = (1.0 - level) / 2.0
-    return np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
+    return np.stack([np.quantile(boots, alpha, axis=-1), np.quantile(boots, 1.0 - alpha, axis=-1)], axis=-1)
+
+
+def ratio_bootstrap_ci(
+    num: np.ndarray, den: np.ndarray, num_samples: int = 1000, level: float = 0.95, seed: int = 0, scale: float = 1.0
+) -> list[float] | None:
+    """Percentile bootstrap CI of ``scale * sum(num) / sum(den)`` over clusters (``num``, ``den``: ``[C]`` per
+    cluster; a prompt, an image). Clusters are resampled with replacement, indices drawn as
+    :func:`bootstrap_ci` draws them with the same seed; a resample whose ``den`` sums to 0 has no ratio and is
+    left out. None when every resample is.
+    """
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(num_samples, len(num)))
+    n, d = num[idx].sum(axis=1), den[idx].sum(axis=1)
+    ratio = scale * n[d > 0] / d[d > 0]
+    if ratio.size == 0:
+        return None
+    return percentile_interval(ratio, level).tolist()
 
 
 def cluster_bootstrap_ci(
@@ -123,10 +144,7 @@ def cluster_bootstrap_ci(
     sums, counts = sums[keep], counts[keep]
     if not counts.size:
         return None
-    idx = np.random.default_rng(seed).integers(0, counts.size, size=(num_samples, counts.size))
-    boots = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
-    alpha = (1.0 - level) / 2.0
-    return [float(np.quantile(boots, alpha)), float(np.quantile(boots, 1.0 - alpha))]
+    return ratio_bootstrap_ci(sums, counts, num_samples, level, seed)
 
 
 def score_multigen(
@@ -180,8 +198,7 @@ def paired_difference(
     se = d.std(axis=1, ddof=1) / np.sqrt(p) if p > 1 else np.full(max_k, np.nan)
     rng = np.random.default_rng(seed)
     boots = d[:, rng.integers(0, p, size=(num_samples, p))].mean(axis=2)  # [K, num_samples]
-    alpha = (1.0 - level) / 2.0
-    ci = np.stack([np.quantile(boots, alpha, axis=1), np.quantile(boots, 1.0 - alpha, axis=1)], axis=1)
+    ci = percentile_interval(boots, level)
     se = np.where(se > 0, se, np.nan)  # no spread: undefined, not a design that detects everything
     mde = (Z_ALPHA + Z_POWER) * se
     needed = np.ceil(p * (mde / 5.0) ** 2)

@@ -41,7 +41,7 @@ from tokencompose.atomic import atomic_write_text
 from tokencompose.captions import article
 from tokencompose.errors import UserError
 from tokencompose.evaluation.prompts import Prompt
-from tokencompose.evaluation.scoring import bootstrap_ci, image_key, mg_scores
+from tokencompose.evaluation.scoring import bootstrap_ci, image_key, mg_scores, ratio_bootstrap_ci
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 SR2D_ROWS_PER_PAIR = 10  # 4 relations x 2 orders, then "A and B", "B and A"
@@ -216,17 +216,11 @@ def _percent(num: float, den: float) -> float | None:
 def _ratio_ci(num: np.ndarray, den: np.ndarray, samples: int, seed: int, level: float = 0.95) -> list[float | None]:
     """Percentile bootstrap CI of ``100 sum(num) / sum(den)`` over prompts (``num``, ``den``: ``[P]`` per prompt).
 
-    The resampled prompt indices are drawn exactly as :func:`~tokencompose.evaluation.scoring.bootstrap_ci`
-    draws them with the same seed, so every interval of one results file comes from the same resamples.
+    The resampled prompt indices are those of :func:`~tokencompose.evaluation.scoring.bootstrap_ci` with the same
+    seed, so every interval of one results file comes from the same resamples. A resample without a both-found
+    image has no VISOR_cond; ``[None, None]`` when none has one.
     """
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(samples, len(num)))
-    n, d = num[idx].sum(axis=1), den[idx].sum(axis=1)
-    ratio = 100.0 * n[d > 0] / d[d > 0]  # a resample without a both-found image has no VISOR_cond
-    if ratio.size == 0:
-        return [None, None]
-    alpha = (1.0 - level) / 2.0
-    return [float(np.quantile(ratio, alpha)), float(np.quantile(ratio, 1.0 - alpha))]
+    return ratio_bootstrap_ci(num, den, samples, level, seed, scale=100.0) or [None, None]
 
 
 def _cond_std(correct: np.ndarray, both: np.ndarray) -> float | None:
